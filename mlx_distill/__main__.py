@@ -1,0 +1,5 @@
+import sys
+
+from mlx_distill.cli import main
+
+sys.exit(main())
