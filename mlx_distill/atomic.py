@@ -1,4 +1,4 @@
-"""Atomic writes: a reader sees the old content or the new, never a torn file or half a directory."""
+"""Atomic writes: readers see the old content or the new, never a torn file or half a directory."""
 
 from __future__ import annotations
 

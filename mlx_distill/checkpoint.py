@@ -130,7 +130,9 @@ def load_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
     try:
         if meta_path.exists():
             meta = _read_json(meta_path)
-            return ModelConfig.from_dict(meta.get("model_config"), source=f"{meta_path}: model_config")
+            return ModelConfig.from_dict(
+                meta.get("model_config"), source=f"{meta_path}: model_config"
+            )
         hf = _read_json(ckpt_dir / "config.json")
         if hf.get("quantization") or hf.get("quantization_config"):
             raise CheckpointError(
@@ -230,9 +232,10 @@ def _inspect(args) -> int:
     print(f"checkpoint   {args.ckpt_dir}")
     print(f"parameters   {num_parameters(model):,}")
     print(f"layers       {cfg.n_layers} × d_model {cfg.d_model}, heads {cfg.n_heads} "
-          f"(kv {cfg.n_kv_heads}, d_head {cfg.d_head}), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}")
-    print(f"weights      sha256 {meta.get('weights_sha256', 'not recorded (not an mlx-distill dir)')}"
-          + (" (verified)" if meta.get("weights_sha256") else ""))
+          f"(kv {cfg.n_kv_heads}, d_head {cfg.d_head}), d_ff {cfg.d_ff}, "
+          f"vocab {cfg.vocab_size}")
+    sha = meta.get("weights_sha256")
+    print(f"weights      sha256 {sha + ' (verified)' if sha else 'not recorded (not our format)'}")
     print(f"created      {meta.get('created', '-')}  git {meta.get('git_sha') or '-'}")
     return 0
 

@@ -39,7 +39,7 @@ def run_demo(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     blas = fast_blas.status()
-    print(f"[1/5] fast BLAS: {'on (' + blas.reason + ')' if blas.enabled else 'off: ' + blas.reason}")
+    print(f"[1/5] fast BLAS: {'on' if blas.enabled else 'off'} ({blas.reason})")
 
     tok_dir = out_dir / "tokenizer"
     train_tokenizer([BUNDLED_CORPUS], vocab_size, tok_dir)
@@ -59,7 +59,7 @@ def run_demo(
     losses = []
     t0 = time.perf_counter()
     with tqdm(total=steps, desc=f"[3/5] train {size} ({num_parameters(model):,} params)",
-              unit="step") as bar:
+              unit="step", mininterval=0.5) as bar:
         for _ in range(steps):
             loss = step(*next(batches))
             mx.eval(loss, model.state, optimizer.state)

@@ -149,7 +149,7 @@ def test_bad_config_files(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert "model_type" in _cli_error(capsys, d)
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    assert "num_hidden_layers: required" in _cli_error(capsys, d)
+    assert "num_attention_heads: required field is missing" in _cli_error(capsys, d)
 
 
 def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):

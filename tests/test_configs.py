@@ -311,3 +311,35 @@ def test_model_info_toy_has_no_budget(main, capsys):
 def test_model_info_unknown_size_is_a_user_error(main, capsys):
     assert main(["model-info", "13b"]) == 2
     assert "13b: no such config file or size name" in capsys.readouterr().err
+
+
+# ---- config.json (HF / mlx-lm) mapping ----
+
+def test_hf_round_trip_with_dynamic_rope_and_qwen2_bias():
+    from mlx_distill.config import RopeScaling
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=97,
+                      rope_scaling=RopeScaling("dynamic", 2.0, 128), max_seq_len=512)
+    hf = cfg.to_hf_dict()
+    assert hf["max_position_embeddings"] == 128  # HF convention for dynamic NTK
+    back = ModelConfig.from_hf_dict(hf)
+    assert back.rope_scaling == cfg.rope_scaling
+    qwen = dict(hf, model_type="qwen2", rope_scaling=None)
+    q = ModelConfig.from_hf_dict(qwen)
+    assert q.attention_bias and not q.attention_out_bias
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling.type"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"num_key_value_heads": 3}, "n_kv_heads"),
+        ({"model_type": "gpt_neox"}, "model_type"),
+    ],
+)
+def test_hf_config_errors_name_the_field(patch, match):
+    hf = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "intermediate_size": 96, "vocab_size": 97}
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**hf, **patch}, source="x/config.json")
