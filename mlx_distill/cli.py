@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mlx_distill.tokenizer",
     "mlx_distill.generate",
     "mlx_distill.demo",
+    "converters.inspect_coreml",
 ]
 
 

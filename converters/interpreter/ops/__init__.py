@@ -1,3 +1,8 @@
-"""Op implementations, one module per family; importing this package fills ``registry.OPS``."""
+"""Op implementations, one module per op family. Importing this package imports every module in
+it, which fills ``registry.OPS``."""
 
-from converters.interpreter.ops import state  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
