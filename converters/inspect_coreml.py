@@ -145,9 +145,8 @@ def _print_report(info: dict) -> None:
 
 
 def _main(args) -> int:
-    from mlx_distill.cli import UserError
-
     from converters.interpreter import MILLoadError
+    from mlx_distill.cli import UserError
 
     try:
         info = inspect_package(Path(args.package))

@@ -1,13 +1,13 @@
 """The MIL interpreter's runtime: inputs, enumerated shapes, state, multifunction packages,
 malformed packages and the inspect-coreml command."""
 
+import coremltools as ct
 import numpy as np
 import pytest
 from coreml_helpers import save_program
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import get_new_symbol, types
 
-import coremltools as ct
 from converters.interpreter import OPS, MILExecutionError, MILLoadError, load_mlpackage
 from mlx_distill import cli
 

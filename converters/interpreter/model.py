@@ -176,8 +176,10 @@ class MILModel:
             if len(operation.outputs) == 1:
                 result = (result,)
             if len(result) != len(operation.outputs):
-                raise ctx.error(f"produced {len(result)} outputs, declared {len(operation.outputs)}")
-            for var, value in zip(operation.outputs, result):
+                raise ctx.error(
+                    f"produced {len(result)} outputs, declared {len(operation.outputs)}"
+                )
+            for var, value in zip(operation.outputs, result, strict=True):
                 values[var.name] = self._coerce(var, value, operation)
 
     def _coerce(self, var, value, operation):

@@ -41,8 +41,11 @@ class TensorDescription:
         if self.enumerated:
             return tuple(shape) in self.enumerated
         if self.ranges:
-            return len(shape) == len(self.ranges) and all(
-                lo <= d and (hi < 0 or d <= hi) for d, (lo, hi) in zip(shape, self.ranges)
+            if len(shape) != len(self.ranges):
+                return False
+            return all(
+                lo <= d and (hi < 0 or d <= hi)
+                for d, (lo, hi) in zip(shape, self.ranges, strict=True)
             )
         return tuple(shape) == self.shape
 
@@ -76,7 +79,8 @@ def _array_description(feature, kind_field: str = "type") -> TensorDescription:
     if kind == "multiArray":
         shape_kind = array.WhichOneof("ShapeFlexibility")
         if shape_kind == "enumeratedShapes":
-            enumerated = tuple(tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes)
+            shapes = array.enumeratedShapes.shapes
+            enumerated = tuple(tuple(int(d) for d in s.shape) for s in shapes)
         elif shape_kind == "shapeRange":
             ranges = tuple(
                 (int(r.lowerBound), int(r.upperBound)) for r in array.shapeRange.sizeRanges
