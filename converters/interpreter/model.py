@@ -64,6 +64,7 @@ class MILModel:
         self.program = program
         self.fp32 = fp32
         self.descriptions = describe_functions(spec)
+        self._const_cache: dict[str, tuple] = {}
         if function_name not in program.functions:
             raise MILLoadError(
                 f"{path}: no function {function_name!r}; functions: {sorted(program.functions)}"
@@ -153,9 +154,15 @@ class MILModel:
         return outputs
 
     def _run_block(self, block, values: dict, state: MILState | None) -> None:
+        # Constants are coerced and widened once per model, not on every call.
+        consts = self._const_cache
+        widened: dict[str, object] = {}
+
         def read(var):
             if isinstance(var, (list, tuple)):
                 return [read(v) for v in var]
+            if var.name in widened:
+                return widened[var.name]
             if var.name in values:
                 return compute_view(values[var.name])
             raise MILExecutionError(
@@ -166,7 +173,14 @@ class MILModel:
         for operation in block.operations:
             if operation.op_type == "const":
                 out = operation.outputs[0]
-                values[out.name] = self._coerce(out, out.val, operation)
+                if out.name not in consts:
+                    stored = self._coerce(out, out.val, operation)
+                    wide = compute_view(stored)
+                    for arr in (stored, wide):
+                        if isinstance(arr, np.ndarray):
+                            arr.flags.writeable = False  # shared across calls: no in-place ops
+                    consts[out.name] = (stored, wide)
+                values[out.name], widened[out.name] = consts[out.name]
                 continue
             impl = OPS.get(operation.op_type)
             ctx = OpContext(operation, self.function_name, read, buffers, self.fp32)
