@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mlx_distill.generate",
     "mlx_distill.demo",
     "converters.inspect_coreml",
+    "converters.export",
 ]
 
 
