@@ -30,3 +30,24 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .coverage runs
+
+# Apple's MIL op tests (from the installed coremltools) run through our numpy interpreter.
+# Slow (see tests/peer/conftest.py); `pytest tests` alone skips them.
+.PHONY: peer-tests peer-tests-quick
+peer-tests: setup
+	$(VENV)/bin/pytest tests/peer -q
+
+peer-tests-quick: setup
+	$(VENV)/bin/pytest tests/peer -q -m peer_quick
+
+# Core ML export cost (benchmarks/export.py: small config; `--sizes small,0.5b` adds 0.5B). The
+# torch trace -> ct.convert baseline runs when .bench-venv/ exists; bench-export-torch creates it
+# (torch is never a project dependency).
+.PHONY: bench-export bench-export-torch
+bench-export: setup
+	$(PY) benchmarks/export.py
+
+bench-export-torch: setup
+	@test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install -q torch==2.13.0 coremltools==9.0 numpy
+	$(PY) benchmarks/export.py

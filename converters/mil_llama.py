@@ -33,10 +33,18 @@ from mlx_distill.config import ModelConfig
 LAYOUTS = ("linear", "ane")
 INPUT_IDS, POSITION, LOGITS = "input_ids", "pos", "logits"
 K_CACHE, V_CACHE = "k_cache", "v_cache"
+# Named residual-stream values, in both programs: `verify-coreml --probe` exposes them as extra
+# outputs of a probe copy of a saved package to find the first layer that diverges.
+EMBEDDINGS = "embeddings"
 # Added to attention scores of hidden positions. Finite (an fp16 -inf could turn a fully masked row
 # into NaN) and far below any real score, so exp() of it is exactly 0 in fp16.
 MASK_VALUE = -30000.0
 FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def hidden_state_name(layer: int) -> str:
+    """Name of the residual stream after decoder layer ``layer`` (0-based); see EMBEDDINGS."""
+    return f"layer_{layer}_output"
 
 
 class GraphError(ValueError):
@@ -196,7 +204,7 @@ class LlamaGraph:
         from coremltools.converters.mil import Builder as mb
 
         cfg = self.config
-        h = self._embed(input_ids)
+        h = self._embed(input_ids, name=EMBEDDINGS)
         cos, sin = self._rope_at(positions)
         # Cache offsets: zeros except the time axis, which holds pos (decode) or S (prefill).
         time = [0, 0, 0, 0]
@@ -215,20 +223,20 @@ class LlamaGraph:
             gate = self._project(x, f"{p}.mlp.gate_proj")
             up = self._project(x, f"{p}.mlp.up_proj")
             h = mb.add(x=h, y=self._project(mb.mul(x=mb.silu(x=gate), y=up),
-                                            f"{p}.mlp.down_proj"))
+                                            f"{p}.mlp.down_proj"), name=hidden_state_name(i))
         h = self._rms_norm(h, "model.norm.weight")
         return self._lm_head(h)
 
-    def _embed(self, input_ids):
+    def _embed(self, input_ids, name: str):
         """Token embeddings: (1, S, C) linear, (1, C, 1, S) ane."""
         from coremltools.converters.mil import Builder as mb
 
         table = self._weight("model.embed_tokens.weight")
         if self.layout == "linear":
-            return mb.gather(x=table, indices=input_ids, axis=0)
+            return mb.gather(x=table, indices=input_ids, axis=0, name=name)
         # The (V, C, 1, 1) table doubles as the tied LM head's conv weight, so it is stored once.
         rows = mb.gather(x=table, indices=mb.reshape(x=input_ids, shape=[-1]), axis=0)
-        return mb.transpose(x=rows, perm=[2, 1, 3, 0])  # (S, C, 1, 1) -> (1, C, 1, S)
+        return mb.transpose(x=rows, perm=[2, 1, 3, 0], name=name)  # (S, C, 1, 1) -> (1, C, 1, S)
 
     def _lm_head(self, h):
         from coremltools.converters.mil import Builder as mb

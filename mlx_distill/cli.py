@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "mlx_distill.demo",
     "converters.inspect_coreml",
     "converters.export",
+    "converters.verify",
 ]
 
 

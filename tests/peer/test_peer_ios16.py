@@ -1,0 +1,5 @@
+"""Apple's iOS16 op tests (from the installed coremltools), run through the interpreter."""
+
+from peer_collect import import_apple_tests
+
+import_apple_tests("iOS16", globals())
