@@ -7,8 +7,12 @@ It is slow, so it runs only when asked for: name it on the command line (``pytes
 
 Environment:
     PEER_TESTS=1            run the suite even when tests/peer is not named.
-    PEER_PRECISIONS=fp32    backends to run: fp32 (default), or fp32,fp16 (Apple loosens the
-                            tolerances of fp16 runs to atol 0.5 / rtol 0.05).
+    PEER_SUMMARY=class      the closing table per Apple test class instead of per file.
+    PEER_PRECISIONS=fp32    backends to run: fp32 (default), fp16, or fp32,fp16 (what
+                            `make peer-tests` runs). On fp32 backends the interpreter keeps
+                            fp16-typed values in float32 (op semantics at atol 1e-4); on fp16
+                            backends it stores fp16 like a device, and Apple loosens the
+                            tolerances to atol 0.5 / rtol 0.05.
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ def pytest_collection_modifyitems(config, items):
         origins[item.nodeid] = key
         reason = next((why for pat, why in deselect.items() if _matches(key, pat)), None)
         if reason is not None:
-            reasons[(key.split("::", 1)[0], reason)] += 1
+            reasons[(_summary_row(key), reason)] += 1
             dropped.append(item)
             continue
         if any(_matches(key, pattern) for pattern in QUICK):
@@ -198,6 +202,12 @@ def pytest_collection_modifyitems(config, items):
         items[:] = kept
     config.stash[_ORIGINS] = origins
     config.stash[_DESELECTED] = reasons
+
+
+def _summary_row(key: str) -> str:
+    """The closing table's row of a test key: its Apple file, or file::class."""
+    parts = key.split("::")
+    return "::".join(parts[:2]) if os.environ.get("PEER_SUMMARY") == "class" else parts[0]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -216,24 +226,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if key is None:
                 continue
             outcome = "failed" if category == "error" else category
-            outcomes[key.split("::", 1)[0]][outcome] += 1
+            outcomes[_summary_row(key)][outcome] += 1
             if outcome == "failed":
                 failures[key.rsplit("::", 1)[0]].append(key.rsplit("::", 1)[1])
     deselected = config.stash[_DESELECTED]
-    deselected_by_file: Counter = Counter()
-    for (file, _reason), count in deselected.items():
-        deselected_by_file[file] += count
+    deselected_by_row: Counter = Counter()
+    for (row_name, _reason), count in deselected.items():
+        deselected_by_row[row_name] += count
     columns = ("passed", "failed", "skipped", "xfailed", "xpassed")
-    write(f"{'file':48s} " + " ".join(f"{c:>8s}" for c in columns) + f" {'deselected':>10s}")
-    for file in sorted(set(outcomes) | set(deselected_by_file)):
-        counts = outcomes.get(file, Counter())
+    width = max([48, *map(len, outcomes), *map(len, deselected_by_row)])
+    header = "class" if os.environ.get("PEER_SUMMARY") == "class" else "file"
+    write(f"{header:{width}s} " + " ".join(f"{c:>8s}" for c in columns) + f" {'deselected':>10s}")
+    for name in sorted(set(outcomes) | set(deselected_by_row)):
+        counts = outcomes.get(name, Counter())
         row = " ".join(f"{counts.get(c, 0):8d}" for c in columns)
-        write(f"{file:48s} {row} {deselected_by_file.get(file, 0):10d}")
+        write(f"{name:{width}s} {row} {deselected_by_row.get(name, 0):10d}")
     total = Counter()
     for counts in outcomes.values():
         total.update({c: counts.get(c, 0) for c in columns})
     row = " ".join(f"{total.get(c, 0):8d}" for c in columns)
-    write(f"{'total':48s} {row} {sum(deselected.values()):10d}")
+    write(f"{'total':{width}s} {row} {sum(deselected.values()):10d}")
     if deselected:
         write(f"deselected {sum(deselected.values())} cases (tests/peer/deselected.py):")
         by_reason: Counter = Counter()
