@@ -24,6 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_distill.atomic import atomic_directory
+from mlx_distill.cli import UserError
 from mlx_distill.config import ConfigError, ModelConfig
 from mlx_distill.model import Model
 
@@ -39,7 +40,7 @@ TOKENIZER_FILES = (
 META_SCHEMA = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read or written; the message names the file and the problem."""
 
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import yaml
 
+from mlx_distill.cli import UserError
+
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad configuration; the message names the file/field and what is expected."""
 
 
