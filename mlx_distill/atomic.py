@@ -19,11 +19,24 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _default_mode(base: int) -> int:
+    """``base`` less the process umask: the mode open()/mkdir() would have given (mkstemp and
+    mkdtemp always use 0600/0700, which would leave reports and checkpoints owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777  # keep a replaced file's permissions
+    except FileNotFoundError:
+        mode = _default_mode(0o666)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,6 +64,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, _default_mode(0o777))
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
