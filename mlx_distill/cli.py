@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("mlx_distill.teacher.cli", "KD data from a teacher API; local teacher server"),
     "data": ("mlx_distill.data.stats", "KD dataset statistics and alignment coverage"),
     "train": ("mlx_distill.train_run", "distill a student from a training config"),
+    "eval": ("mlx_distill.eval.cli", "evaluate backends: quality, performance, gates, report"),
     "export-coreml": ("converters.export", "export a checkpoint to a Core ML package"),
     "verify-coreml": ("converters.verify", "check a Core ML package against its checkpoint"),
     "inspect-coreml": ("converters.inspect_coreml", "describe a Core ML package"),

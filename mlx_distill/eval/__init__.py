@@ -1,2 +1,4 @@
-"""Evaluation: tool-call scoring (:mod:`.scoring`), PII checks (:mod:`.privacy`) and the tool
-broker that replays recorded tool results (:mod:`.broker`)."""
+"""Evaluation: run backends over an eval set (:mod:`.runner`, :mod:`.harness`), score tool calls
+(:mod:`.scoring`), check privacy (:mod:`.privacy`), replay recorded tool results
+(:mod:`.broker`), measure performance (:mod:`.perf`), apply gates (:mod:`.gates`) and write the
+report (:mod:`.report`); ``mlx-distill eval`` is :mod:`.cli`."""
