@@ -1,19 +1,19 @@
 """Core ML export cost: wall time and peak RSS of ``mlx-distill export-coreml``, package size vs
 the floor, and (when ``.bench-venv/`` holds torch) the same weights exported the torch way.
 
-For each size (``small`` by default; ``0.5b`` with ``--sizes small,0.5b``: ~1.5 min and ~6 GB per
-export of ours, several minutes more for torch) a checkpoint with random weights (float32, as our
-trainer writes them) is saved to a temporary directory, then every export runs in its own
-process: wall time from spawn to exit (imports included) and that process's peak RSS
+For each size (``small`` by default; ``0.5b`` with ``--sizes small,0.5b``: ~30 s and ~1.7 GB per
+export of ours, 2.5-3.5 min and 7.3 GB per torch export) a checkpoint with random weights
+(float32, as our trainer writes them) is saved to a temporary directory, then every export runs
+in its own process: wall time from spawn to exit (imports included) and that process's peak RSS
 (``os.wait4``'s ``ru_maxrss``). Size: the package's weight blob against the floor of
-``mil_convert.weight_floor_bytes`` (params × bytes per weight + scales; goal <= 1.05×).
+``mil_weights.weight_floor_bytes`` (params × bytes per weight + scales; goal <= 1.05×).
 
 torch baseline: Apple's published recipe ("On Device Llama 3.1 with Core ML", 2024) on the same
 weights: a small torch Llama (below) with the KV cache as registered buffers, ``torch.jit.trace``,
 ``ct.convert`` with ``ct.StateType`` states, flexible query length and causal-mask inputs
 (``RangeDim``), fp16 compute, then ``ct.optimize.coreml.linear_quantize_weights`` (int8 per
 channel, symmetric) for int8. It writes one flexible function where we write two (prefill with
-enumerated lengths + decode, merged), so it does less work than ours. It runs in
+enumerated lengths + decode, in one package), so it does less work than ours. It runs in
 ``.bench-venv/bin/python`` (``make bench-export-torch`` creates it: torch==2.13.0 coremltools==9.0
 numpy); torch is never a dependency of the project.
 
@@ -45,7 +45,8 @@ CHILD_ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small", help="comma-separated configs/sizes names "
-                        "(default small; 0.5b is opt-in: minutes and ~6 GB per export)")
+                        "(default small; 0.5b is opt-in: ~10 min with torch, 7.3 GB per torch "
+                        "export)")
     parser.add_argument("--precisions", default="fp16,int8")
     parser.add_argument("--torch", choices=("auto", "off"), default="auto",
                         help="auto: also export via torch when .bench-venv/ has torch")
@@ -279,7 +280,7 @@ def run(args) -> tuple[list[dict], dict, str | None]:
                 shutil.rmtree(pkg)
                 for side in ("ours", "torch"):
                     if row[side] is not None:
-                        print(f"  {side:<5} {precision}: {row[side]['seconds']} s, "
+                        print(f"  {side:<5} {precision}: {row[side]['seconds']:.1f} s, "
                               f"{_gib(row[side]['peak_rss_bytes'])} GiB", file=sys.stderr)
                 rows.append(row)
             shutil.rmtree(ckpt)

@@ -1,15 +1,19 @@
 """``mlx-distill export-coreml``: a student checkpoint -> one stateful multifunction ``.mlpackage``.
 
-The MIL programs are built with coremltools' builder (``converters.mil_llama``), never through
-torch. Stages: build (the prefill and decode programs), convert or quantize (our pass pipeline,
-with weight-only quantization by ``ct.optimize.coreml`` inside it; ``converters.mil_convert``),
-check (static ANE checks, ``converters.ane_checks``; violations stop the export), save (both
-functions in one package, shared weights stored once, plus ``<name>.contract.json`` and
-``<name>.checks.json`` beside it).
+The MIL program is built with coremltools' builder (``converters.mil_llama``), never through
+torch. Stages: build (one program with the prefill and decode functions; weights are read one
+tensor at a time from the checkpoint, ``converters.checkpoint_weights``, and converted to fp16 or
+quantized as they are read, ``converters.mil_weights``), convert (the graph passes,
+``converters.mil_convert``), check (static ANE checks, ``converters.ane_checks``; violations stop
+the export), save (one package, shared weights stored once, plus ``<name>.contract.json`` and
+``<name>.checks.json`` beside it). The checkpoint's sha256 is computed on a second thread
+meanwhile (hashing is the slowest single step at 0.5B parameters on a machine without SHA
+instructions), and checked before the package is moved into place.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as _dt
 import json
@@ -17,36 +21,44 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from converters import ane_checks
+from converters.checkpoint_weights import CheckpointWeights, load_numpy_weights
 from converters.mil_convert import (
-    QuantizationError,
+    blob_bytes,
     check_quantized,
-    convert,
-    quantization_config,
-    quantization_summary,
-    quiet_coremltools,
-    weight_floor_bytes,
+    function_weight_bytes,
+    run_passes,
+    save_program,
+    set_prefill_shapes,
 )
 from converters.mil_llama import (
+    FUNCTIONS,
     INPUT_IDS,
     K_CACHE,
     LAYOUTS,
     LOGITS,
     POSITION,
     V_CACHE,
+    GraphError,
     LlamaGraph,
 )
+from converters.mil_weights import (
+    QuantizationError,
+    check_quantizable,
+    quantization_summary,
+    weight_floor_bytes,
+    weight_format,
+)
+
+__all__ = ["CheckpointWeights", "ExportError", "export_coreml", "load_numpy_weights"]
 
 PRECISIONS = ("fp16", "int8", "int4")
 TARGETS = ("ios16", "ios17", "ios18")
 DEFAULT_SHAPES = (64, 128, 256)
-FUNCTIONS = ("prefill", "decode")
 CONTRACT_SCHEMA = 1
 # A multifunction blob much larger than one function's means weights were stored twice.
 SHARED_BLOB_SLACK = 1.10
@@ -112,41 +124,6 @@ def _check_options(precision: str, layout: str, target: str) -> None:
         )
 
 
-class CheckpointWeights(Mapping):
-    """HF-named weights of a loaded MLX model, converted to float32 numpy one tensor at a time
-    as they are read. The graph builder keeps only its fp16 copies, so the export holds the MLX
-    model plus fp16 weights, never an fp32 copy of everything; scales are folded in before the
-    one rounding to fp16."""
-
-    def __init__(self, model):
-        from mlx.utils import tree_flatten
-
-        self._params = dict(tree_flatten(model.parameters()))
-        self.shapes = {k: tuple(v.shape) for k, v in self._params.items()}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        import mlx.core as mx
-
-        return np.array(self._params[key].astype(mx.float32))
-
-    def __contains__(self, key) -> bool:
-        return key in self._params
-
-    def __iter__(self):
-        return iter(self._params)
-
-    def __len__(self) -> int:
-        return len(self._params)
-
-
-def load_numpy_weights(ckpt_dir: str | os.PathLike):
-    """(ModelConfig, CheckpointWeights) of an mlx-distill or mlx-lm checkpoint directory."""
-    from mlx_distill.checkpoint import load_checkpoint
-
-    model = load_checkpoint(ckpt_dir)
-    return model.config, CheckpointWeights(model)
-
-
 def source_hashes(ckpt_dir: Path) -> dict[str, Any]:
     from mlx_distill.checkpoint import META_FILE, sha256_file
 
@@ -180,10 +157,6 @@ class _Stages:
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
         if self.progress:
             self.progress(f"[{name}] done in {time.perf_counter() - start:.1f} s")
-
-
-def _blob_bytes(pkg: Path) -> int:
-    return sum(f.stat().st_size for f in (pkg / "Data" / "com.apple.CoreML" / "weights").glob("*"))
 
 
 def _describe(pkg: Path) -> dict[str, Any]:
@@ -235,62 +208,58 @@ def export_coreml(
     from mlx_distill.checkpoint import load_config
 
     shapes, max_context = _resolve_shapes(load_config(ckpt_dir), shapes, max_context, role)
-    with stage("build", "load weights, build the prefill and decode MIL programs"):
-        config, weights = load_numpy_weights(ckpt_dir)
-        graph = LlamaGraph(config, weights, layout=layout, max_context=max_context)
-        programs = {"prefill": graph.prefill_program(), "decode": graph.decode_program()}
-        hashes = source_hashes(ckpt_dir)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(source_hashes, ckpt_dir)
+        try:
+            what = "read weights, build the prefill and decode functions" + (
+                f", quantize weights to {precision}" if precision != "fp16" else "")
+            with stage("build", what):
+                config, weights = load_numpy_weights(ckpt_dir)
+                check_quantizable(weights.shapes, precision)
+                graph = LlamaGraph(config, weights, layout=layout, max_context=max_context,
+                                   precision=precision)
+                program = graph.program(FUNCTIONS)
+                set_prefill_shapes(program.functions["prefill"], shapes)
+                weight_shapes, cache_shape = weights.shapes, graph.cache_shape()
+                del weights, graph  # the program holds the only copy of the weights now
+        except (QuantizationError, GraphError) as exc:
+            raise ExportError(str(exc)) from None
+        # Both functions use every weight; each quantized one through one constexpr.
+        quantized = sum(weight_format(k, v, precision) is not None
+                        for k, v in weight_shapes.items())
 
-    try:
-        quantization, expected = (None, set()) if precision == "fp16" else \
-            quantization_config(weights.shapes, precision)
-    except QuantizationError as exc:
-        raise ExportError(str(exc)) from None
-    what = "convert" if quantization is None else f"convert and quantize weights to {precision}"
-    with stage("quantize" if quantization is not None else "convert", what), \
-            quiet_coremltools():
-        models = {}
-        for name, program in programs.items():
-            models[name] = convert(program, shapes if name == "prefill" else None, quantization)
-            if quantization is not None:
-                if not check_quantized(models[name], expected):
+        with stage("convert", "graph passes"):
+            run_passes(program)
+            for name, function in program.functions.items():
+                if not check_quantized(function, quantized):
                     raise ExportError(f"{name}: not every weight matrix was quantized to "
-                                      f"{precision} (see the coremltools warnings above)")
+                                      f"{precision}")
 
-    with stage("check", "static ANE checks"):
-        report = ane_checks.check_programs(
-            {name: m._mil_program.functions["main"] for name, m in models.items()},
-            allow_non_ane=allow_non_ane,
-        )
-        violations = [v for f in report["functions"].values() for v in f["violations"]]
-        if violations and not allow_non_ane:
-            listed = "; ".join(ane_checks.describe_violation(v) for v in violations[:5])
-            more = f" (+{len(violations) - 5} more)" if len(violations) > 5 else ""
-            raise ExportError(f"static ANE checks failed: {listed}{more}; pass --allow-non-ane "
-                              "to export anyway")
+        with stage("check", "static ANE checks"):
+            report = ane_checks.check_programs(dict(program.functions),
+                                               allow_non_ane=allow_non_ane)
+            violations = [v for f in report["functions"].values() for v in f["violations"]]
+            if violations and not allow_non_ane:
+                listed = "; ".join(ane_checks.describe_violation(v) for v in violations[:5])
+                more = f" (+{len(violations) - 5} more)" if len(violations) > 5 else ""
+                raise ExportError(f"static ANE checks failed: {listed}{more}; pass "
+                                  "--allow-non-ane to export anyway")
 
-    with stage("save", f"multifunction package {out_pkg.name}"), quiet_coremltools(), \
-            tempfile.TemporaryDirectory(prefix=".export-", dir=out_pkg.parent) as work:
-        work = Path(work)
-        single = {}
-        desc = ct.utils.MultiFunctionDescriptor()
-        for name, model in models.items():
-            path = work / f"{name}.mlpackage"
-            model.save(str(path))
-            single[name] = _blob_bytes(path)
-            desc.add_function(str(path), src_function_name="main", target_function_name=name)
-        desc.default_function_name = FUNCTIONS[0]
-        merged = work / "merged.mlpackage"
-        ct.utils.save_multifunction(desc, str(merged))
-        blob = _blob_bytes(merged)
-        if blob > SHARED_BLOB_SLACK * max(single.values()):
-            raise ExportError(f"weights stored more than once: package blob {blob} bytes, "
-                              f"single functions {single}")
-        functions = _describe(merged)
-        contract_path(out_pkg).unlink(missing_ok=True)
-        _replace_dir(merged, out_pkg)
+        with stage("save", f"multifunction package {out_pkg.name}"), \
+                tempfile.TemporaryDirectory(prefix=".export-", dir=out_pkg.parent) as work:
+            single = {name: function_weight_bytes(f) for name, f in program.functions.items()}
+            staged = save_program(program, Path(work) / out_pkg.name)
+            del program
+            blob = blob_bytes(staged)
+            if blob > SHARED_BLOB_SLACK * max(single.values()):
+                raise ExportError(f"weights stored more than once: package blob {blob} bytes, "
+                                  f"single functions {single}")
+            functions = _describe(staged)
+            hashes = hashing.result()
+            contract_path(out_pkg).unlink(missing_ok=True)
+            _replace_dir(staged, out_pkg)
 
-    floor = weight_floor_bytes(weights.shapes, precision)
+    floor = weight_floor_bytes(weight_shapes, precision)
     contract = {
         "schema": CONTRACT_SCHEMA,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -302,7 +271,7 @@ def export_coreml(
         "prefill_shapes": list(shapes),
         "max_context": max_context,
         "cache": {
-            "shape": list(graph.cache_shape()),
+            "shape": list(cache_shape),
             "axes": (["layer", "kv_head", "d_head", "position"] if layout == "ane"
                      else ["layer", "kv_head", "position", "d_head"]),
             "dtype": "float16",

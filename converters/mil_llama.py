@@ -1,6 +1,7 @@
 """The Llama-family student as MIL programs, built directly with coremltools' builder (no torch).
 
-Two programs share every weight (``save_multifunction`` stores them once):
+One program with two functions that share every weight (``mil_weights``: one blob entry per
+weight):
 
 - ``prefill``: ``input_ids`` (1, S), S symbolic (exported as enumerated shapes); writes K/V of
   positions [0, S) into the cache state and returns ``logits`` (1, S, vocab).
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from converters.mil_weights import WeightConsts, WeightRangeError, rope_tables, to_fp16
+from converters.shape_inference import fast_reshape_inference
 from mlx_distill.config import ModelConfig
 
 LAYOUTS = ("linear", "ane")
@@ -39,7 +42,7 @@ EMBEDDINGS = "embeddings"
 # Added to attention scores of hidden positions. Finite (an fp16 -inf could turn a fully masked row
 # into NaN) and far below any real score, so exp() of it is exactly 0 in fp16.
 MASK_VALUE = -30000.0
-FP16_MAX = float(np.finfo(np.float16).max)
+FUNCTIONS = ("prefill", "decode")  # the first is the package's default function
 
 
 def hidden_state_name(layer: int) -> str:
@@ -51,46 +54,16 @@ class GraphError(ValueError):
     """The model cannot be expressed as requested; the message says what and why."""
 
 
-def rope_tables(config: ModelConfig, max_context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of every position's rotation angles, (max_context, d_head / 2), float64.
-
-    Matches ``mlx_distill.model.RoPE`` (half-split layout): linear scaling divides positions by
-    the factor; dynamic NTK uses, for position p, the base of a sequence of length p + 1.
-    """
-    dims = config.d_head
-    positions = np.arange(max_context, dtype=np.float64)
-    exponents = np.arange(0, dims, 2, dtype=np.float64) / dims
-    base = np.full(max_context, float(config.rope_theta))
-    rs = config.rope_scaling
-    if rs is not None and rs.type == "linear":
-        positions = positions / rs.factor
-    elif rs is not None and rs.type == "dynamic":
-        seq_len = np.maximum(np.arange(max_context) + 1.0, rs.original_max_position)
-        base = base * ((rs.factor * seq_len / rs.original_max_position) - (rs.factor - 1)) ** (
-            dims / (dims - 2)
-        )
-    angles = positions[:, None] * base[:, None] ** -exponents[None, :]
-    return np.cos(angles), np.sin(angles)
-
-
-def _fp16(name: str, value: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        value = np.asarray(value).astype(np.float16, copy=False)
-    if not np.all(np.isfinite(value)):
-        raise GraphError(f"tensor {name}: values are not finite or exceed the fp16 range "
-                         f"(|x| <= {FP16_MAX:g})")
-    return value
-
-
 class LlamaGraph:
-    """Builds the prefill / decode MIL programs for one model, layout and cache size.
+    """Builds the prefill / decode MIL functions for one model, layout, cache size and weight
+    precision (``fp16``, ``int8``, ``int4``; see ``converters.mil_weights``).
 
     ``weights``: HF Llama names -> float arrays (``model.embed_tokens.weight`` ...), read once
-    per tensor (a lazy mapping such as ``export.CheckpointWeights`` works).
+    per tensor (a lazy mapping such as ``checkpoint_weights.CheckpointWeights`` works).
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray],
-                 layout: str = "linear", max_context: int = 2048):
+                 layout: str = "linear", max_context: int = 2048, precision: str = "fp16"):
         if layout not in LAYOUTS:
             raise GraphError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         if not isinstance(max_context, int) or max_context < 1:
@@ -100,10 +73,8 @@ class LlamaGraph:
         cos, sin = rope_tables(config, max_context)
         if layout == "ane":  # channels-first: (d_head / 2, positions)
             cos, sin = cos.T, sin.T
-        self._rope = (_fp16("rope_cos", cos), _fp16("rope_sin", sin))
-        self._consts: dict = {}  # per program being built: weight key -> const Var
-        # Prepared fp16 arrays, shared by both programs so the weights are in memory once.
-        self._arrays: dict[str, np.ndarray] = {}
+        self._rope = (to_fp16("rope_cos", cos), to_fp16("rope_sin", sin))
+        self._consts = WeightConsts(precision)
 
     # ---- shapes the contract and the runtime rely on ----
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -113,16 +84,35 @@ class LlamaGraph:
         return (c.n_layers, c.n_kv_heads, self.max_context, c.d_head)
 
     # ---- programs ----
-    def prefill_program(self):
+    def program(self, functions=FUNCTIONS):
+        """One program holding ``functions`` (default function: the first), weights shared; with
+        one function, a single-function program."""
+        from coremltools.converters.mil.mil import Program
+
+        prog = Program()
+        for name in functions:
+            prog.add_function(name, self.function(name))
+        prog.default_function_name = functions[0]
+        prog.export_as_multifunction = len(functions) > 1
+        return prog
+
+    def function(self, name: str):
+        """The ``prefill`` or ``decode`` function (a ``mil.Function``)."""
+        if name not in FUNCTIONS:
+            raise GraphError(f"function: expected one of {FUNCTIONS}, got {name!r}")
+        with fast_reshape_inference():
+            return self._prefill() if name == "prefill" else self._decode()
+
+    def _prefill(self):
         import coremltools as ct
         from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import get_new_symbol, types
 
         specs = [mb.TensorSpec((1, get_new_symbol()), dtype=types.int32), *self._state_specs()]
 
-        @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+        @mb.function(input_specs=specs, opset_version=ct.target.iOS18)
         def prefill(input_ids, k_cache, v_cache):
-            self._consts.clear()
+            self._consts.begin_function()
             length = mb.slice_by_index(x=mb.shape(x=input_ids), begin=[1], end=[2])
             positions = mb.range_1d(start=0, end=mb.squeeze(x=length), step=1)
             return self._forward(input_ids, positions, length, None, k_cache, v_cache)
@@ -130,7 +120,7 @@ class LlamaGraph:
         self._check_input_names(prefill, (INPUT_IDS, K_CACHE, V_CACHE))
         return prefill
 
-    def decode_program(self):
+    def _decode(self):
         import coremltools as ct
         from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import types
@@ -141,9 +131,9 @@ class LlamaGraph:
             *self._state_specs(),
         ]
 
-        @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+        @mb.function(input_specs=specs, opset_version=ct.target.iOS18)
         def decode(input_ids, pos, k_cache, v_cache):
-            self._consts.clear()
+            self._consts.begin_function()
             return self._forward(input_ids, pos, None, pos, k_cache, v_cache)
 
         self._check_input_names(decode, (INPUT_IDS, POSITION, K_CACHE, V_CACHE))
@@ -156,31 +146,26 @@ class LlamaGraph:
         return [mb.StateTensorSpec(self.cache_shape(), dtype=types.fp16) for _ in range(2)]
 
     @staticmethod
-    def _check_input_names(prog, names):
+    def _check_input_names(function, names):
         # The builder names inputs after the Python parameters already; assert it stays so, since
         # the contract publishes these names.
-        got = tuple(prog.functions["main"].inputs)
+        got = tuple(function.inputs)
         if got != names:
             raise GraphError(f"program inputs are {got}, expected {names}")
 
     # ---- constants ----
-    def const(self, key: str, value_fn=None):
-        """One named fp16 const per program (a tied weight used twice is one tensor)."""
-        from coremltools.converters.mil import Builder as mb
-
-        if key not in self._consts:
-            if key not in self._arrays:
-                value = value_fn() if value_fn is not None else self.weights[key]
-                self._arrays[key] = _fp16(key, value)
-            self._consts[key] = mb.const(val=self._arrays[key], name=const_name(key))
-        return self._consts[key]
+    def const(self, key: str, value_fn=None, conv: bool = False, model_weight: bool = True):
+        """The function's const (or dequantizing constexpr) for weight ``key``; a tied weight used
+        twice is one tensor. ``value_fn``: its float values (default: ``weights[key]``)."""
+        try:
+            return self._consts.get(key, value_fn or (lambda: self.weights[key]), conv=conv,
+                                    model_weight=model_weight)
+        except WeightRangeError as exc:
+            raise GraphError(str(exc)) from None
 
     def _weight(self, key: str, scale: float = 1.0):
-        def value():
-            w = _scaled(self.weights[key], scale)
-            return w[:, :, None, None] if self.layout == "ane" and w.ndim == 2 else w
-
-        return self.const(key, value)
+        return self.const(key, lambda: _scaled(self.weights[key], scale),
+                          conv=self.layout == "ane")
 
     def _bias(self, key: str, scale: float = 1.0):
         if key not in self.weights:
@@ -196,7 +181,16 @@ class LlamaGraph:
             kwargs["bias"] = bias
         if self.layout == "ane":
             return mb.conv(x=x, **kwargs)
-        return mb.linear(x=x, **kwargs)
+        return mb.linear(x=x, **self._with_bias(kwargs))
+
+    def _with_bias(self, kwargs):
+        """``linear`` without a bias gets a zero-filled const of its own per op; one shared
+        zero vector per width keeps the package at one copy (the blob stores every const)."""
+        if "bias" not in kwargs:
+            width = kwargs["weight"].shape[0]
+            kwargs["bias"] = self.const(f"zeros#{width}", lambda: np.zeros(width, np.float16),
+                                        model_weight=False)
+        return kwargs
 
     # ---- the network ----
     def _forward(self, input_ids, positions, length, pos, k_cache, v_cache):
@@ -244,7 +238,7 @@ class LlamaGraph:
         key = "model.embed_tokens.weight" if self.config.tie_embeddings else "lm_head.weight"
         kwargs = {"weight": self._weight(key), "name": LOGITS}
         if self.layout == "linear":
-            return mb.linear(x=h, **kwargs)
+            return mb.linear(x=h, **self._with_bias(kwargs))
         del kwargs["name"]
         logits = mb.conv(x=h, **kwargs)  # (1, V, 1, S)
         logits = mb.squeeze(x=logits, axes=[2])
@@ -274,8 +268,8 @@ class LlamaGraph:
         from coremltools.converters.mil import Builder as mb
 
         axis = 1 if self.layout == "ane" else 0
-        cos = self.const("rope_cos", lambda: self._rope[0])
-        sin = self.const("rope_sin", lambda: self._rope[1])
+        cos = self.const("rope_cos", lambda: self._rope[0], model_weight=False)
+        sin = self.const("rope_sin", lambda: self._rope[1], model_weight=False)
         return (mb.gather(x=cos, indices=positions, axis=axis),
                 mb.gather(x=sin, indices=positions, axis=axis))
 
@@ -410,8 +404,3 @@ class _Step:
 
 def _scaled(w: np.ndarray, scale: float) -> np.ndarray:
     return w if scale == 1.0 else w.astype(np.float32) * scale
-
-
-def const_name(key: str) -> str:
-    """MIL-safe const name for a weight (the quantization config refers to consts by name)."""
-    return key.replace(".", "_").replace("#", "_")

@@ -289,13 +289,14 @@ def test_mlx_lm_llama_checkpoint_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def _single_function(graph, tmp_path, name: str, length: int = 16):
-    """Convert and save one program without the multifunction step (quicker)."""
-    from converters.mil_convert import convert
+    """Convert and save one function as a single-function package (quicker)."""
+    from converters.mil_convert import run_passes, save_program, set_prefill_shapes
 
-    program = graph.prefill_program() if name == "prefill" else graph.decode_program()
-    path = tmp_path / f"{name}.mlpackage"
-    convert(program, (length,) if name == "prefill" else None).save(str(path))
-    return load_mlpackage(path)
+    program = graph.program((name,))
+    if name == "prefill":
+        set_prefill_shapes(program.functions["prefill"], (length,))
+    run_passes(program)
+    return load_mlpackage(save_program(program, tmp_path / f"{name}.mlpackage"))
 
 
 @pytest.mark.parametrize("variant", ["bias-untied-linear-rope-ane", "dynamic-ntk-mha-linear"])
