@@ -182,6 +182,29 @@ def test_cache_path_that_is_a_file_or_newer_layout(tmp_path):
         TeacherCache(tmp_path / "c")
 
 
+def test_shards_opening_a_new_cache_together_all_succeed(tmp_path):
+    # Regression: a concurrent journal-mode switch reported "database is locked" at once, and a
+    # second opener could see the tables before the id and call the cache foreign.
+    import threading
+
+    for trial in range(15):
+        directory = tmp_path / f"c{trial}"
+        errors: list[Exception] = []
+
+        def open_and_close(directory=directory, errors=errors) -> None:
+            try:
+                TeacherCache(directory).close()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_close) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+
+
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(

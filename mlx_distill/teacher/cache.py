@@ -104,39 +104,63 @@ class TeacherCache:
                 isolation_level=None,
             )
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
         except sqlite3.OperationalError as exc:
             raise CacheError(f"cannot open cache {self.path}: {exc}") from None
-        except sqlite3.DatabaseError as exc:
-            raise CacheError(self._foreign(str(exc))) from None
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._claim(db)
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("SELECT key, completion, cost_usd, created FROM answers LIMIT 0")
+                db.execute("SELECT run_id, key, cost_usd, created FROM ledger LIMIT 0")
+                return db
+            except sqlite3.OperationalError as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                # Shards opening a new cache together: SQLite reports the journal-mode switch
+                # as busy at once instead of waiting, so retry until the busy timeout.
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                db.close()
+                if _is_busy(exc):
+                    raise CacheError(f"cannot open cache {self.path}: {exc}") from None
+                raise CacheError(self._foreign(str(exc))) from None
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                raise CacheError(self._foreign(str(exc))) from None
+            except CacheError:
+                db.close()
+                raise
+
+    def _claim(self, db: sqlite3.Connection) -> None:
+        """Check the file is ours (or empty) and create the tables, under the write lock.
+
+        Reading the ids and creating the tables in one transaction means a second opener sees
+        either an empty file or a finished cache, never tables without our id.
+        """
+        db.execute("BEGIN IMMEDIATE")
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
         # An empty database (no tables, no id) is ours to initialise: a crash during our own first
         # open leaves exactly that.
         if app_id != APPLICATION_ID and (has_tables or app_id != 0):
-            db.close()
+            db.execute("ROLLBACK")
             raise CacheError(self._foreign("it belongs to another program"))
         if app_id == APPLICATION_ID and version > CACHE_SCHEMA:
-            db.close()
+            db.execute("ROLLBACK")
             raise CacheError(
                 f"cache {self.path} has layout version {version}, newer than this mlx-distill "
                 f"understands ({CACHE_SCHEMA}); use a newer mlx-distill or another --cache"
             )
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, _TABLES.split(";")):
-                db.execute(statement)
-            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version={CACHE_SCHEMA}")
-            db.execute("COMMIT")
-            db.execute("SELECT key, completion, cost_usd, created FROM answers LIMIT 0")
-            db.execute("SELECT run_id, key, cost_usd, created FROM ledger LIMIT 0")
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise CacheError(self._foreign(str(exc))) from None
-        return db
+        for statement in filter(str.strip, _TABLES.split(";")):
+            db.execute(statement)
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version={CACHE_SCHEMA}")
+        db.execute("COMMIT")
 
     def _foreign(self, why: str) -> str:
         return (
@@ -306,3 +330,8 @@ def _fail_all(futures: list[asyncio.Future], error: BaseException) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(error)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
