@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import sqlite3
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_distill.cli import UserError
+from mlx_distill.teacher import jsontext
 from mlx_distill.teacher.types import Completion, canonical_json
 
 # Part of every cache key (ChatRequest.cache_key) and the table layout version (user_version).
@@ -70,7 +70,7 @@ class CachedAnswer:
     created: float
 
     def completion(self) -> Completion:
-        return Completion.from_dict(json.loads(self.completion_json))
+        return Completion.from_dict(jsontext.loads(self.completion_json))
 
 
 class TeacherCache:

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import json
 import signal
 import sys
 import time
@@ -35,6 +34,7 @@ from mlx_distill.teacher.budget import Budget
 from mlx_distill.teacher.cache import CACHE_SCHEMA, CachedAnswer, TeacherCache
 from mlx_distill.teacher.client import AsyncTeacherClient
 from mlx_distill.teacher.errors import BudgetExceeded, RequestFailed, TeacherError
+from mlx_distill.teacher.jsontext import loads_plain
 from mlx_distill.teacher.kdprogress import Progress, format_summary, redactor
 from mlx_distill.teacher.kdrun import (
     EXIT_BUDGET,
@@ -51,7 +51,12 @@ from mlx_distill.teacher.kdrun import (
 )
 from mlx_distill.teacher.kdstate import RunState, save_checkpoint_files
 from mlx_distill.teacher.prompts import Prompt, load_prompts
-from mlx_distill.teacher.records import build_record, dump_record, validate_record
+from mlx_distill.teacher.records import (
+    COMPLETION_FIELDS,
+    build_record,
+    dump_record,
+    validate_record,
+)
 from mlx_distill.teacher.types import ChatRequest
 
 # Cache lookups are batched: one SQLite query per this many prompts.
@@ -296,13 +301,15 @@ class Generator:
                 return None
 
     def _emit(self, prompt: Prompt, request: ChatRequest, answer: CachedAnswer, hit: bool) -> None:
+        completion, plain = loads_plain(answer.completion_json)
         record = build_record(
-            prompt.id, request, json.loads(answer.completion_json), model=self.spec.model,
+            prompt.id, request, completion, model=self.spec.model,
             base_host=self._base_host, cost_usd=answer.cost_usd, created=answer.created,
         )
         problems, line = validate_record(record), None
         try:
-            line = None if problems else dump_record(record)
+            line = None if problems else dump_record(
+                record, COMPLETION_FIELDS if plain else frozenset())
         except ValueError as exc:  # NaN/inf in the answer: not valid JSON
             problems = [str(exc)]
         if line is None:

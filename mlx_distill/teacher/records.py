@@ -11,10 +11,15 @@ import json
 import math
 from typing import Any
 
+from mlx_distill.teacher.jsontext import dumps_compact
 from mlx_distill.teacher.types import KD_RECORD_FIELDS, KD_SCHEMA, ChatRequest
 
 # Report at most this many problems per record: the first few locate the fault.
 MAX_ERRORS = 5
+# The record fields ``build_record`` takes from the completion alone.
+COMPLETION_FIELDS = frozenset(
+    {"text", "reasoning", "tool_calls", "tokens", "usage", "finish_reason"}
+)
 
 
 class RecordError(ValueError):
@@ -56,10 +61,15 @@ def build_record(
     }
 
 
-def dump_record(record: dict[str, Any]) -> str:
-    """One output line (with its newline): field order as documented, UTF-8 kept, no spaces."""
+def dump_record(record: dict[str, Any], plain_fields: frozenset[str] = frozenset()) -> str:
+    """One output line (with its newline): field order as documented, UTF-8 kept, no spaces;
+    ``ValueError`` for NaN or infinity.
+
+    ``plain_fields``: fields known to hold only plain floats (``jsontext.loads_plain``), e.g.
+    ``COMPLETION_FIELDS`` of a record built from a completion read that way.
+    """
     ordered = {name: record[name] for name in KD_RECORD_FIELDS}
-    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+    return dumps_compact(ordered, plain_fields) + "\n"
 
 
 def parse_record_line(line: str | bytes) -> dict[str, Any]:
