@@ -13,8 +13,8 @@ same order:
   skips it). mlx-lm's llama ``Model`` gets our weights (``load_weights(strict=True)``).
 * ``ours KD``: ``mlx_distill.trainer.Trainer.step()`` as ``mlx-distill train`` runs it: sparse
   forward KL on the teacher's top-K (K = 20) with the tail bucket, ``alpha * CE + (1 - alpha) *
-  KD``, gradient clipping at 1.0 (``--grad-clip``) and the non-finite check (one host read-back
-  per step).
+  KD``, gradient clipping at 1.0 (``--grad-clip``) and the non-finite skip, all in one compiled
+  function and one evaluation per step (``mlx_distill.train.make_fused_step``).
 * ``ours CE``: the same ``Trainer.step()`` with ``loss.kind: ce`` (the KD-overhead baseline).
 
 Data is synthetic (throughput does not depend on token values): full rows of ``seq_len`` random

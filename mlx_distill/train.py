@@ -139,6 +139,56 @@ def make_update_fn(
     return update
 
 
+def make_fused_step(
+    model: nn.Module, optimizer: optim.Optimizer,
+    objective: Callable[[nn.Module, dict], tuple[mx.array, mx.array]],
+    grad_clip: float | None, compile: bool = True,
+) -> Callable[[dict], tuple[mx.array, mx.array, mx.array]]:
+    """Return ``step(batch) -> (sums, norm, finite)``: gradient and update in one function.
+
+    The single-batch, single-process equivalent of :func:`make_grad_fn` followed by
+    :func:`make_update_fn`, so one compiled graph and one evaluation per step. The update is
+    always computed; where ``finite`` (loss sum and gradient norm both finite) is false, the
+    trainable parameters and the whole optimizer state (its step counter, so the learning-rate
+    schedule, included) are put back as they were, which equals skipping the update.
+    """
+    loss_and_grad = nn.value_and_grad(model, objective)
+    n_index = SUM_FIELDS.index("n_tokens")
+    update = make_update_fn(model, optimizer, grad_clip, compile=False)
+
+    def step(batch):
+        (loss_sum, sums), grad_sums = loss_and_grad(model, batch)
+        sum_norm = global_norm(grad_sums)
+        finite = mx.isfinite(loss_sum) & mx.isfinite(sum_norm)
+        old_params = model.trainable_parameters()
+        old_state = tree_map(lambda x: x, optimizer.state)  # the leaves, before update replaces
+        norm = update(grad_sums, sums[n_index], sum_norm)
+        keep = partial(_select, finite)
+        model.update(tree_map(keep, model.trainable_parameters(), old_params))
+        _assign(optimizer.state, tree_map(keep, optimizer.state, old_state))
+        return sums, norm, finite
+
+    if compile:
+        # The random state is captured for LoRA dropout, as in make_grad_fn.
+        state = [model.state, optimizer.state, mx.random.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+    return step
+
+
+def _select(finite: mx.array, new: mx.array, old: mx.array) -> mx.array:
+    return mx.where(finite, new, old)
+
+
+def _assign(target: dict | list, source: dict | list) -> None:
+    """Copy ``source``'s leaves into ``target`` in place (compile tracks the captured objects)."""
+    keys = target.keys() if isinstance(target, dict) else range(len(target))
+    for key in keys:
+        if isinstance(target[key], dict | list):
+            _assign(target[key], source[key])
+        else:
+            target[key] = source[key]
+
+
 def global_norm(tree: dict) -> mx.array:
     """L2 norm over every array in ``tree``, accumulated in float32."""
     return mx.sqrt(sum(g.astype(mx.float32).square().sum() for _, g in tree_flatten(tree)))

@@ -32,6 +32,7 @@ from mlx_distill.train import (
     SUM_FIELDS,
     all_sum_tree,
     global_norm,
+    make_fused_step,
     make_grad_fn,
     make_update_fn,
     warmup_cosine_schedule,
@@ -115,7 +116,10 @@ class Trainer:
     :class:`mlx_distill.data.batches.BatchLoader`) and has ``state_dict``/``load_state_dict``
     (None: position not saved); ``val_batches()`` returns a fresh iterable of held-out batches.
     ``prepare(batch, step, micro)`` may rewrite a micro-batch (teacher annotation, on-policy);
-    validation batches come with ``step == -1``.
+    validation batches come with ``step == -1``. ``fused_step``: with one micro-batch per step on
+    one process, compute gradient, norm, finiteness check and update in one compiled function
+    (:func:`mlx_distill.train.make_fused_step`); False keeps the separate gradient and update
+    functions there too (the path accumulation and data parallelism always take).
     """
 
     def __init__(
@@ -128,12 +132,14 @@ class Trainer:
         prepare: Callable[[dict, int, int], dict] | None = None,
         tokenizer_dir: str | Path | None = None,
         group: Any = None,
+        fused_step: bool = True,
     ):
         self.config, self.model, self.batches = config, model, batches
         self.val_batches, self.prepare = val_batches, prepare
         self.tokenizer_dir = tokenizer_dir
         self.group = group or mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
+        self.fused_step = fused_step and config.optim.grad_accum == 1 and self.world == 1
         self.out = Path(config.out)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(model.trainable_parameters())
@@ -161,9 +167,13 @@ class Trainer:
         # Built after a resume: compiled functions capture the state objects restored into.
         compile = self.config.train.compile
         objective = make_objective(self.config)
-        self._grad = make_grad_fn(self.model, objective, compile=compile)
-        self._update = make_update_fn(self.model, self.optimizer,
-                                      self.config.optim.grad_clip or None, compile=compile)
+        clip = self.config.optim.grad_clip or None
+        if self.fused_step:
+            self._fused = make_fused_step(self.model, self.optimizer, objective, clip,
+                                          compile=compile)
+        else:
+            self._grad = make_grad_fn(self.model, objective, compile=compile)
+            self._update = make_update_fn(self.model, self.optimizer, clip, compile=compile)
 
         def evaluate(batch):
             return objective(self.model, batch)[1]
@@ -187,6 +197,11 @@ class Trainer:
         if not self._built:
             self._build()
         started = time.perf_counter()
+        if self.fused_step:
+            batch = self._micro_batch(0)
+            sums, norm, finite = self._fused(batch)
+            mx.eval(self.model.state, self.optimizer.state, sums, norm, finite)
+            return self._record(sums, norm, finite.item(), batch["inputs"].size, started)
         grads, sums, positions = None, mx.zeros(len(SUM_FIELDS)), 0
         for micro in range(self.config.optim.grad_accum):
             batch = self._micro_batch(micro)
@@ -200,17 +215,24 @@ class Trainer:
             grads = all_sum_tree(grads, self.group)
         grad_sum_norm = global_norm(grads)
         mx.eval(sums, grad_sum_norm, grads)
-        values = sums.tolist()
-        n = max(values[_N], 1.0)
-        finite = math.isfinite(values[_LOSS]) and math.isfinite(grad_sum_norm.item())
-        self.loop.step += 1
+        finite = math.isfinite(sums[_LOSS].item()) and math.isfinite(grad_sum_norm.item())
         if finite:
             norm = self._update(grads, sums[_N], grad_sum_norm)
             mx.eval(self.model.state, self.optimizer.state, norm)
+        else:
+            norm = grad_sum_norm / mx.maximum(sums[_N], 1.0)
+        return self._record(sums, norm, finite, positions, started)
+
+    def _record(self, sums: mx.array, norm: mx.array, finite: bool, positions: int,
+                started: float) -> dict[str, Any]:
+        """Advance the counters after an update (or a skip) and build its metrics record."""
+        values = sums.tolist()
+        n = max(values[_N], 1.0)
+        self.loop.step += 1
+        if finite:
             self.loop.nan_streak = 0
             self.loop.tokens_seen += int(values[_N])
         else:
-            norm = grad_sum_norm / n
             self.loop.nan_streak += 1
         elapsed = time.perf_counter() - started
         return {
