@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo toy-e2e 8-ball bench clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,16 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest --cov --cov-report=term --cov-fail-under=80 tests
 
-demo: setup
-	$(VENV)/bin/mlx-distill demo
+# The whole pipeline on a toy task, offline (mlx_distill/demo.py, configs/demo/): teacher ->
+# teacher server -> KD records -> 4x+ smaller student -> Core ML fp16/int8 -> verify -> eval ->
+# runs/<timestamp>-<task>/report.md. Each finishes within 10 minutes on 2 CPU cores.
+demo: toy-e2e
+
+toy-e2e: setup
+	$(VENV)/bin/mlx-distill demo --config toolcall
+
+8-ball: setup
+	$(VENV)/bin/mlx-distill demo --config eightball
 
 bench: setup
 	$(PY) benchmarks/blas.py

@@ -1,4 +1,4 @@
-"""Builds the Linux-only BLAS shim (see mlx_distill/fast_blas.py); everything else is in pyproject."""
+"""Builds the Linux-only BLAS shim (see mlx_distill/fast_blas.py); the rest is in pyproject."""
 
 import sys
 

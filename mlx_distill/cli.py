@@ -11,7 +11,7 @@ import mlx_distill  # noqa: F401  (enables fast BLAS before any module imports m
 # Command -> (module exposing ``register(subparsers)``, one-line summary). Only the module of the
 # command being run is imported, so `mlx-distill tasks ...` doesn't pay for mlx-lm or coremltools.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mlx_distill.demo", "run the pipeline end to end on the bundled toy data"),
+    "demo": ("mlx_distill.demo", "run the whole pipeline end to end on a toy task, offline"),
     "tokenizer": ("mlx_distill.tokenizer", "train a byte-level BPE tokenizer"),
     "model-info": ("mlx_distill.model_info", "parameters, weight/KV bytes and budget check"),
     "inspect": ("mlx_distill.checkpoint", "check a checkpoint directory"),

@@ -258,14 +258,16 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
 
 
-def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+def resolve_config_path(name_or_path: str | os.PathLike, kind: str = "sizes") -> Path:
+    """A YAML path as given, or ``configs/<kind>/<name>.yaml`` for a bare name."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    candidate = configs_dir() / "sizes" / f"{name_or_path}.yaml"
+    candidate = configs_dir() / kind / f"{name_or_path}.yaml"
     if not candidate.exists():
-        available = sorted(p.stem for p in (configs_dir() / "sizes").glob("*.yaml"))
-        raise ConfigError(f"{name_or_path}: no such config file or size name; sizes: {available}")
+        available = sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
+        raise ConfigError(f"{name_or_path}: no such config file or {kind.rstrip('s')} name; "
+                          f"{kind}: {available}")
     return candidate
 
 

@@ -1,6 +1,4 @@
-"""The plain LM training step and the end-to-end demo."""
-
-import json
+"""The plain LM training step (the end-to-end demo is tests/test_demo_e2e.py)."""
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -9,7 +7,6 @@ import pytest
 from helpers import random_model, tiny_config
 from mlx.utils import tree_flatten
 
-from mlx_distill import cli
 from mlx_distill.train import lm_batches, lm_loss, make_train_step
 
 
@@ -56,14 +53,3 @@ def test_lm_batches_windows_are_shifted_by_one_and_short_corpus_is_refused():
     assert mask.shape == (3, 10)
     with pytest.raises(ValueError, match="need at least 12"):
         next(lm_batches(np.arange(5), batch_size=1, seq_len=10))
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--steps", "40", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "[5/5] greedy continuation" in printed
-    meta = json.loads((out / "student" / "mlx_distill.json").read_text())
-    assert meta["demo"]["steps"] == 40
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        assert (out / "student" / name).exists()

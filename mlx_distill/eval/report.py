@@ -17,11 +17,13 @@ CATEGORIES_PNG = "categories.png"
 DASH = "–"
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any) -> str:
+    """A fraction as a percentage with one decimal; a dash for None."""
     return DASH if value is None else f"{100 * value:.1f}%"
 
 
-def _num(value: Any, digits: int = 1) -> str:
+def num(value: Any, digits: int = 1) -> str:
+    """A number with thousands separators (floats to ``digits``); yes/no; a dash for None."""
     if value is None:
         return DASH
     if isinstance(value, bool):
@@ -29,7 +31,8 @@ def _num(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
-def _bytes(value: Any) -> str:
+def human_size(value: Any) -> str:
+    """A byte count in GB/MB/kB/B; a dash for None."""
     if value is None:
         return DASH
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -38,7 +41,8 @@ def _bytes(value: Any) -> str:
     return f"{value} B"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table (cells' ``|`` escaped) followed by a blank line."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return lines + [""]
@@ -59,18 +63,18 @@ def _summary_table(report: dict[str, Any]) -> list[str]:
     for b in report["backends"]:
         m = b["metrics"]
         if eightball:
-            cells = [_pct(m["accuracy"]), _pct(m["privacy_ok_rate"])]
+            cells = [pct(m["accuracy"]), pct(m["privacy_ok_rate"])]
         else:
-            cells = [_pct(m["strict_f1"]), _pct(m["lax_f1"]), _pct(m["exact_accuracy"]),
-                     _pct(m["json_validity"]), _num(m["controls_with_call"]),
-                     _pct(m["privacy_ok_rate"]), _pct(m["fixture_hit_rate"]),
-                     _pct(m["final_answer_accuracy"])]
+            cells = [pct(m["strict_f1"]), pct(m["lax_f1"]), pct(m["exact_accuracy"]),
+                     pct(m["json_validity"]), num(m["controls_with_call"]),
+                     pct(m["privacy_ok_rate"]), pct(m["fixture_hit_rate"]),
+                     pct(m["final_answer_accuracy"])]
         kind = b["kind"] + (" (reference)" if b.get("reference") else "")
-        rows.append([b["label"], kind, _bytes(b["fingerprints"]["weight_bytes"]), *cells,
-                     _num(m["ttft_p50_ms"]), _num(m["latency_p50_ms"]),
-                     _num(m["latency_p95_ms"]), _num(m["latency_p99_ms"]),
-                     _num(m["decode_tps"]), _verdict(b["passed"])])
-    return _table(header, rows)
+        rows.append([b["label"], kind, human_size(b["fingerprints"]["weight_bytes"]), *cells,
+                     num(m["ttft_p50_ms"]), num(m["latency_p50_ms"]),
+                     num(m["latency_p95_ms"]), num(m["latency_p99_ms"]),
+                     num(m["decode_tps"]), _verdict(b["passed"])])
+    return markdown_table(header, rows)
 
 
 def _category_tables(report: dict[str, Any]) -> list[str]:
@@ -80,14 +84,14 @@ def _category_tables(report: dict[str, Any]) -> list[str]:
         lines.append(f"**{b['label']}**")
         lines.append("")
         if report["task"] == "eightball":
-            rows = [[c, _num(q["samples"]), _num(q["correct"]), _pct(q["accuracy"])]
+            rows = [[c, num(q["samples"]), num(q["correct"]), pct(q["accuracy"])]
                     for c, q in per.items()]
-            lines += _table(["category", "samples", "correct", "accuracy"], rows)
+            lines += markdown_table(["category", "samples", "correct", "accuracy"], rows)
         else:
-            rows = [[c, _num(q["samples"]), _pct(q["strict"]["f1"]), _pct(q["lax"]["f1"]),
-                     _pct(q["exact_accuracy"]), _num(q["controls"]["with_call"])]
+            rows = [[c, num(q["samples"]), pct(q["strict"]["f1"]), pct(q["lax"]["f1"]),
+                     pct(q["exact_accuracy"]), num(q["controls"]["with_call"])]
                     for c, q in per.items()]
-            lines += _table(["category", "samples", "strict F1", "lax F1", "exact",
+            lines += markdown_table(["category", "samples", "strict F1", "lax F1", "exact",
                              "controls w/ call"], rows)
     return lines
 
@@ -96,13 +100,13 @@ def _performance_tables(report: dict[str, Any]) -> list[str]:
     rows = []
     for b in report["backends"]:
         p = b["performance"]
-        rows.append([b["label"], _num(p["requests"]), _num(p["ttft_ms"]["p50"]),
-                     _num(p["ttft_ms"]["p95"]), _num(p["latency_ms"]["p50"]),
-                     _num(p["latency_ms"]["p95"]), _num(p["latency_ms"]["p99"]),
-                     _num(p["latency_ms"]["mean"]), _num(p["latency_ms"]["max"]),
-                     _num(p["decode_tps"]), _num(p["decode_tps_p50"]),
-                     _num(p["prompt_tokens"]), _num(p["completion_tokens"])])
-    lines = _table(["backend", "requests", "TTFT p50 ms", "TTFT p95 ms", "p50 ms", "p95 ms",
+        rows.append([b["label"], num(p["requests"]), num(p["ttft_ms"]["p50"]),
+                     num(p["ttft_ms"]["p95"]), num(p["latency_ms"]["p50"]),
+                     num(p["latency_ms"]["p95"]), num(p["latency_ms"]["p99"]),
+                     num(p["latency_ms"]["mean"]), num(p["latency_ms"]["max"]),
+                     num(p["decode_tps"]), num(p["decode_tps_p50"]),
+                     num(p["prompt_tokens"]), num(p["completion_tokens"])])
+    lines = markdown_table(["backend", "requests", "TTFT p50 ms", "TTFT p95 ms", "p50 ms", "p95 ms",
                     "p99 ms", "mean ms", "max ms", "decode tok/s (pooled)",
                     "decode tok/s (p50)", "prompt tokens", "completion tokens"], rows)
     targeted = [b for b in report["backends"] if b.get("targets")]
@@ -110,20 +114,20 @@ def _performance_tables(report: dict[str, Any]) -> list[str]:
         role = targeted[0]["targets"]["role"]
         enforced = "enforced" if report.get("enforce_role_targets") else "reported, not enforced"
         lines += [f"Targets of role `{role}` ({enforced}):", ""]
-        rows = [[b["label"], c["metric"], _num(c["value"]),
-                 ("≤ " if c["bound"] == "max" else "≥ ") + _num(c["target"]),
+        rows = [[b["label"], c["metric"], num(c["value"]),
+                 ("≤ " if c["bound"] == "max" else "≥ ") + num(c["target"]),
                  "met" if c["ok"] else "missed"]
                 for b in targeted for c in b["targets"]["checks"]]
-        lines += _table(["backend", "target", "measured", "required", "status"], rows)
+        lines += markdown_table(["backend", "target", "measured", "required", "status"], rows)
     return lines
 
 
 def _gates_table(report: dict[str, Any]) -> list[str]:
-    rows = [[b["label"], v["gate"], _num(v["value"], 4), v["status"]]
+    rows = [[b["label"], v["gate"], num(v["value"], 4), v["status"]]
             for b in report["backends"] for v in b["gates"]]
     if not rows:
         return [f"Profile `{report['profile']}` sets no gate for task {report['task']}.", ""]
-    return _table(["backend", "gate", "value", "status"], rows)
+    return markdown_table(["backend", "gate", "value", "status"], rows)
 
 
 def _baseline_section(baseline: dict[str, Any]) -> list[str]:
@@ -133,11 +137,11 @@ def _baseline_section(baseline: dict[str, Any]) -> list[str]:
         lines += ["The baseline evaluated a different dataset (sha256 differs).", ""]
     if baseline["unpaired"]:
         lines += [f"No baseline for: {', '.join(baseline['unpaired'])}.", ""]
-    rows = [[r["backend"], r["metric"], _num(r["baseline"], 4), _num(r["current"], 4),
-             _pct(r["relative_change"]), r["allowed"], "REGRESSED" if r["regressed"] else "ok"]
+    rows = [[r["backend"], r["metric"], num(r["baseline"], 4), num(r["current"], 4),
+             pct(r["relative_change"]), r["allowed"], "REGRESSED" if r["regressed"] else "ok"]
             for r in baseline["comparisons"]]
     if rows:
-        lines += _table(["backend", "metric", "baseline", "current", "change", "allowed",
+        lines += markdown_table(["backend", "metric", "baseline", "current", "change", "allowed",
                          "status"], rows)
     return lines
 
@@ -162,8 +166,8 @@ def _details(report: dict[str, Any]) -> list[str]:
         if b.get("health"):
             h = b["health"]
             lines.append(f"- {b['label']}: health probe at lengths {h['lengths']}: "
-                         f"shapes ran {_num(h['shapes_ok'])}, logits finite and non-zero "
-                         f"{_num(h['logits_ok'])}.")
+                         f"shapes ran {num(h['shapes_ok'])}, logits finite and non-zero "
+                         f"{num(h['logits_ok'])}.")
     return lines + [""] if lines else []
 
 
@@ -180,7 +184,8 @@ def _fingerprints(report: dict[str, Any]) -> list[str]:
             rows.append([f"{b['label']} tokenizer", fp["tokenizer"], fp["tokenizer_sha256"]])
     env = report["environment"]
     rows.append(["git", "commit", env["git_sha"] or DASH])
-    lines = _table(["what", "file", "sha256"], [[a, f"`{b}`", f"`{c}`"] for a, b, c in rows])
+    lines = markdown_table(["what", "file", "sha256"],
+                           [[a, f"`{b}`", f"`{c}`"] for a, b, c in rows])
     versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     return lines + [f"Python {env['python']} on {env['platform']}; {versions}.", ""]
 
