@@ -56,6 +56,7 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import default_loss
 
 from mlx_distill.config import ModelConfig, load_size_config
+from mlx_distill.data.batches import slot_width
 from mlx_distill.model import Model, num_parameters
 from mlx_distill.train_config import TrainConfig, config_from_dict
 from mlx_distill.trainer import Trainer, make_objective, make_optimizer
@@ -140,6 +141,14 @@ def make_batches(vocab: int, batch: int, seq_len: int, k: int, prompt_fraction: 
             "tool_mask": np.zeros_like(loss_mask), "top_ids": top_ids,
             "top_logprobs": top_logprobs.astype(np.float32),
         }
+        # Where the supervised positions are, as BatchLoader says: our objective computes the LM
+        # head and the losses there only. mlx-lm computes logits at every position.
+        run = seq_len - (offset - 1)
+        width = slot_width(run, seq_len)
+        ours["loss_positions"] = np.zeros((batch, width), np.int32)
+        ours["loss_positions"][:, :run] = np.arange(offset - 1, seq_len)
+        ours["loss_slots"] = np.zeros((batch, width), np.float32)
+        ours["loss_slots"][:, :run] = 1.0
         ours = {key: mx.array(value) for key, value in ours.items()}
         lengths = mx.array([[offset, seq_len]] * batch, dtype=mx.int32)
         peer = (mx.array(tokens), lengths)

@@ -135,10 +135,13 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.head(self.model(tokens, cache))
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """Logits from final hidden states (the training objective calls it on a subset)."""
         if self.config.tie_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
 
     @property
     def layers(self) -> list[TransformerBlock]:

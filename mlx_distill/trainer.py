@@ -55,6 +55,33 @@ class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the message names the last good checkpoint."""
 
 
+_PER_POSITION = ("targets", "loss_mask", "kd_mask", "tool_mask", "top_ids", "top_logprobs",
+                 "teacher_logits")
+
+
+def supervised_logits(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+    """``(logits, batch)`` at the batch's supervised positions only, when it says where they are
+    (``loss_positions``/``loss_slots`` from :class:`~mlx_distill.data.BatchLoader`): the LM head
+    and every loss then run over ``C`` positions per row instead of ``S``, with the per-position
+    arrays gathered to match. Otherwise (or for a model without ``head``) all positions."""
+    positions = batch.get("loss_positions")
+    if positions is None or not hasattr(model, "head"):
+        return model(batch["inputs"]), batch
+    hidden = model.model(batch["inputs"])
+    logits = model.head(mx.take_along_axis(hidden, positions[..., None], axis=1))
+    slots = batch["loss_slots"]
+    gathered = dict(batch)
+    for key in _PER_POSITION:
+        if key in batch:
+            value = batch[key]
+            index = positions if value.ndim == 2 else positions[..., None]
+            gathered[key] = mx.take_along_axis(value, index, axis=1)
+    for key in ("loss_mask", "kd_mask", "tool_mask"):
+        if key in gathered:
+            gathered[key] = gathered[key] * slots
+    return logits, gathered
+
+
 def make_objective(config: TrainConfig) -> Callable[[nn.Module, dict], tuple[mx.array, mx.array]]:
     """``objective(model, batch) -> (loss_sum, sums)`` with the reduction of ``losses.kd_loss``.
 
@@ -65,7 +92,7 @@ def make_objective(config: TrainConfig) -> Callable[[nn.Module, dict], tuple[mx.
     loss = config.loss
 
     def objective(model, batch):
-        logits = model(batch["inputs"])
+        logits, batch = supervised_logits(model, batch)
         if "poison" in batch:
             logits = logits * batch["poison"]
         teacher = {}

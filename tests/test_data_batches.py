@@ -14,6 +14,7 @@ from helpers import random_model, tiny_config
 from mlx_distill import cli
 from mlx_distill.data import (
     BATCH_KEYS,
+    SUPERVISED_KEYS,
     BatchLoader,
     DataError,
     TokenVocab,
@@ -97,7 +98,7 @@ def test_batches_hold_example_rows_with_next_token_targets(examples):
     plan = loader.epoch_plan(0)
     for shape, members in plan:
         batch = as_numpy(next(loader))
-        assert set(batch) == set(BATCH_KEYS)
+        assert set(batch) == set(BATCH_KEYS) | set(SUPERVISED_KEYS)
         assert batch["inputs"].shape == (4, shape) and batch["inputs"].dtype == np.int32
         assert batch["top_ids"].shape == (4, shape, loader.k)
         assert batch["top_logprobs"].dtype == np.float32 and batch["loss_mask"].dtype == np.float32

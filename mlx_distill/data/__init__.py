@@ -6,7 +6,13 @@ shuffling, position). ``mlx-distill data stats`` prints what a load would use an
 """
 
 from mlx_distill.data.align import BY_ID, BY_TEXT, TeacherTargets, align_teacher, carry
-from mlx_distill.data.batches import BATCH_KEYS, BatchLoader, BucketReport, linear_curriculum
+from mlx_distill.data.batches import (
+    BATCH_KEYS,
+    SUPERVISED_KEYS,
+    BatchLoader,
+    BucketReport,
+    linear_curriculum,
+)
 from mlx_distill.data.dataset import DataReport, Dataset, load_dataset, split_validation
 from mlx_distill.data.encode import Example, encode_kd_record, encode_sft_example, render_turn
 from mlx_distill.data.errors import BAD_REASONS, BadRecords, DataError, RecordError
@@ -16,5 +22,5 @@ __all__ = [
     "BAD_REASONS", "BATCH_KEYS", "BY_ID", "BY_TEXT", "BadRecords", "BatchLoader", "BucketReport",
     "DataError", "DataReport", "Dataset", "Example", "RecordError", "TeacherTargets", "TokenVocab",
     "align_teacher", "carry", "encode_kd_record", "encode_sft_example", "linear_curriculum",
-    "load_dataset", "render_turn", "split_validation", "tokenizer_fingerprint",
+    "load_dataset", "render_turn", "SUPERVISED_KEYS", "split_validation", "tokenizer_fingerprint",
 ]

@@ -29,6 +29,10 @@ from mlx_distill.data.errors import DataError
 
 OVERFLOW_MODES = ("truncate", "reject")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "kd_mask", "tool_mask", "top_ids", "top_logprobs")
+# Where each row's supervised positions are (see ``BatchLoader``): the objective computes logits
+# only there. Per shape the width is fixed, so a compiled step still sees one shape per bucket.
+SUPERVISED_KEYS = ("loss_positions", "loss_slots")
+_SLOT_MULTIPLE = 8
 _CURRICULUM_STREAM = 0xC011
 STATE_VERSION = 1
 
@@ -104,6 +108,12 @@ class BatchLoader:
     ``(B, S)`` int32, ``loss_mask``/``kd_mask``/``tool_mask`` ``(B, S)`` float32, ``top_ids``
     ``(B, S, K)`` int32, ``top_logprobs`` ``(B, S, K)`` float32 (−inf padding).
 
+    Also ``loss_positions`` ``(B, C)`` int32 and ``loss_slots`` ``(B, C)`` float32: each row's
+    supervised positions (one contiguous run from the last prompt token), padded with position 0
+    and slot 0. ``C`` is fixed per shape (``self.slots[shape]``: the longest run in that bucket,
+    rounded up to a multiple of 8), so the objective can compute the LM head and the losses at
+    ``C`` positions instead of ``S``: most of a KD row is prompt.
+
     ``batch_size`` is global; with ``world_size > 1`` each rank gets its ``batch_size /
     world_size`` rows of the same global batch. The last batch of a bucket in an epoch is filled
     with empty rows (all masks 0) so shapes stay fixed.
@@ -136,9 +146,15 @@ class BatchLoader:
         if not any(self.buckets.values()):
             raise DataError(f"no example fits the shapes {list(self.shapes)} "
                             f"({len(self.report.rejected)} rejected as too long)")
+        self.slots = {shape: self._slot_count(shape) for shape in self.shapes}
         self.step, self.epoch, self.cursor = 0, 0, 0
         self._plan: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         self.fingerprint = self._fingerprint()
+
+    def _slot_count(self, shape: int) -> int:
+        longest = max((_supervised_run(self.examples[i], shape)[1] for i in self.buckets[shape]),
+                      default=1)
+        return slot_width(longest, shape)
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -221,9 +237,21 @@ class BatchLoader:
 
         rows_per_rank = self.batch_size // self.world_size
         first = self.rank * rows_per_rank
-        rows = [self._row(shape, members[i] if i < len(members) else None)
-                for i in range(first, first + rows_per_rank)]
-        return {key: mx.array(np.stack([row[key] for row in rows])) for key in BATCH_KEYS}
+        indices = [members[i] if i < len(members) else None
+                   for i in range(first, first + rows_per_rank)]
+        rows = [self._row(shape, index) for index in indices]
+        batch = {key: mx.array(np.stack([row[key] for row in rows])) for key in BATCH_KEYS}
+        slots = self.slots[shape]
+        positions = np.zeros((rows_per_rank, slots), dtype=np.int32)
+        valid = np.zeros((rows_per_rank, slots), dtype=np.float32)
+        for r, index in enumerate(indices):
+            if index is None:
+                continue
+            start, count = _supervised_run(self.examples[int(index)], shape)
+            positions[r, :count] = np.arange(start, start + count)
+            valid[r, :count] = 1.0
+        batch["loss_positions"], batch["loss_slots"] = mx.array(positions), mx.array(valid)
+        return batch
 
     def _row(self, shape: int, index: int | None) -> dict[str, np.ndarray]:
         if index is None:
@@ -263,3 +291,15 @@ class BatchLoader:
             raise DataError(f"data position: step {step}, epoch {epoch}, cursor {cursor} out of "
                             "range")
         self.step, self.epoch, self.cursor = step, epoch, cursor
+
+
+def slot_width(longest_run: int, shape: int) -> int:
+    """The ``loss_positions`` width of a bucket whose longest supervised run is ``longest_run``:
+    rounded up to a multiple of 8 (fewer distinct widths), at most ``shape``."""
+    return min(shape, -(-max(longest_run, 1) // _SLOT_MULTIPLE) * _SLOT_MULTIPLE)
+
+
+def _supervised_run(example: Example, shape: int) -> tuple[int, int]:
+    """``(start, count)`` of the positions ``example.arrays(shape)`` may supervise."""
+    start = example.prompt_len - 1
+    return start, max(0, min(example.length, shape) - start)
