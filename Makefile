@@ -35,6 +35,13 @@ bench: setup
 	$(PY) benchmarks/blas.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/teacher_throughput.py
+
+# The longer quality benchmark (~10 min): KD vs CE-only students on the toy tool-call task.
+.PHONY: bench-kd
+bench-kd: setup
+	$(PY) benchmarks/kd_vs_sft.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .coverage runs
