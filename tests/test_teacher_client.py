@@ -166,6 +166,23 @@ def test_streamed_and_whole_answers_are_identical(model):
     assert all((w.reasoning is not None) == (model == "fake-thinking") for w, _ in pairs[:-2])
 
 
+def test_first_streamed_output_is_timed_and_whole_answers_are_not():
+    import time
+
+    async def timed():
+        async with client_for(fake) as client:
+            started, streamed, whole = time.perf_counter(), [], [0.0]
+            await client.chat(chat(1, max_tokens=6), stream=True, first_output=streamed)
+            ended = time.perf_counter()
+            await client.chat(chat(2, max_tokens=6), first_output=whole)
+            return started, streamed, ended, whole
+
+    with FakeTeacher(delay_s=0.05) as fake:
+        started, streamed, ended, whole = run(timed())
+    assert len(streamed) == 1 and started < streamed[0] <= ended
+    assert whole == []  # cleared at the attempt; nothing streamed, so nothing timed
+
+
 def test_legacy_completions_with_echo_stream_and_whole():
     async def both():
         async with client_for(fake) as client:

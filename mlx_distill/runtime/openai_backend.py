@@ -4,8 +4,9 @@ limits, API key from the environment), asked with ``stream: true``.
 The logits stay on the server, so tool calls cannot be masked here: the request carries ``tools``
 (and a non-default ``tool_choice`` / ``parallel_tool_calls``) for the server's own handling, and
 every result says ``constrained: false``. ``TeacherClient`` hands back whole completions, so the
-answer arrives as one event: per-token latencies and the time to first token are not observable
-(``ttft_s`` None); ``total_s`` is the request's wall time.
+answer arrives as one event and per-token latencies are not observable. The time to first token
+is: the client notes when the first streamed chunk with text, reasoning or a tool call arrives
+(``ttft_s`` None only when the server did not stream). ``total_s`` is the request's wall time.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 from mlx_distill.runtime.base import Backend, sampling_options, wants_constraint
 from mlx_distill.runtime.types import BackendError, Event, Finished, GenerationResult, TokenEvent
 
-TIMING_NOTE = ("whole completion from the teacher client: no per-token timing, time to first "
-               "token unknown")
+TIMING_NOTE = ("whole completion from the teacher client: time to first token from the first "
+               "streamed chunk with output, no per-token timing")
 
 
 class OpenAIBackend(Backend):
@@ -58,12 +59,14 @@ class OpenAIBackend(Backend):
     def _events(self, request: Any) -> Iterator[Event]:
         from mlx_distill.teacher.errors import RequestFailed
 
+        first_output: list[float] = []
         started = time.perf_counter()
         try:
-            completion = self.client.chat(request, stream=True)
+            completion = self.client.chat(request, stream=True, first_output=first_output)
         except RequestFailed as exc:
             raise BackendError(f"{self.label}: {exc}") from None
         elapsed = time.perf_counter() - started
+        ttft = first_output[0] - started if first_output else None
         if completion.text:
             yield TokenEvent(completion.text, None, None, elapsed, elapsed)
         yield Finished(GenerationResult(
@@ -72,7 +75,7 @@ class OpenAIBackend(Backend):
             finish_reason=completion.finish_reason or "stop",
             prompt_tokens=completion.usage.prompt_tokens,
             completion_tokens=completion.usage.completion_tokens,
-            ttft_s=None, token_latencies_s=[], total_s=elapsed, constrained=False,
+            ttft_s=ttft, token_latencies_s=[], total_s=elapsed, constrained=False,
             notes=[TIMING_NOTE],
         ))
 

@@ -28,6 +28,7 @@ import logging
 import random
 import ssl
 import threading
+import time
 from typing import Any
 
 import certifi
@@ -188,13 +189,17 @@ class AsyncTeacherClient:
                 "sampled token when top_logprobs > 0; ask it for top_logprobs=0, or serve the "
                 "model with `mlx-distill teacher serve` for top-k")
 
-    async def chat(self, request: ChatRequest, *, stream: bool = False) -> Completion:
+    async def chat(self, request: ChatRequest, *, stream: bool = False,
+                   first_output: list[float] | None = None) -> Completion:
+        """``first_output``: when streaming, gets the ``time.perf_counter()`` at which the
+        answering attempt's first text, reasoning or tool-call chunk arrived (time to first
+        token); left empty when nothing was streamed."""
         self._check_top_logprobs(request.top_logprobs)
         if stream and self._mlx_lm and request.top_logprobs is not None:
             stream = False
             self._counts["stream_downgraded"] += 1
         return await self._call("chat/completions", request.body(self.spec.model, stream=stream),
-                                request, "chat", stream)
+                                request, "chat", stream, first_output)
 
     async def complete(self, prompt: str, *, max_tokens: int | None = None,
                        temperature: float = 1.0, top_p: float = 1.0,
@@ -219,7 +224,7 @@ class AsyncTeacherClient:
         return await self._call("completions", body, request, "completions", stream)
 
     async def _call(self, path: str, body: dict[str, Any], request: Any, kind: str,
-                    stream: bool) -> Completion:
+                    stream: bool, first_output: list[float] | None = None) -> Completion:
         prompt_bound, completion_bound = token_bounds(request)
         worst = self.spec.pricing.worst_case(request)
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -233,9 +238,11 @@ class AsyncTeacherClient:
                     self.budget.release(reservation)
                 raise
             actual_tokens = None
+            if first_output is not None:
+                first_output.clear()  # a retried request's time counts from its last attempt
             try:
                 self._counts["requests"] += 1
-                completion = await self._send(path, payload, kind, stream)
+                completion = await self._send(path, payload, kind, stream, first_output)
             except _AttemptFailed as failure:
                 charged = worst if failure.maybe_billed else None
                 failed = failure
@@ -282,7 +289,8 @@ class AsyncTeacherClient:
         else:
             self.budget.commit(reservation, charged)
 
-    async def _send(self, path: str, payload: bytes, kind: str, stream: bool) -> Completion:
+    async def _send(self, path: str, payload: bytes, kind: str, stream: bool,
+                    first_output: list[float] | None = None) -> Completion:
         http, shard = self._pools.acquire()
         try:
             if not stream:
@@ -298,6 +306,8 @@ class AsyncTeacherClient:
                 accumulator = StreamAccumulator(kind, expect_usage=True)
                 async for chunk in response.aiter_bytes():
                     self._parse(lambda c=chunk: accumulator.feed(c))
+                    if first_output is not None and not first_output and accumulator.has_output:
+                        first_output.append(time.perf_counter())
                 return self._parse(accumulator.finish)
         except httpx.TransportError as exc:
             failure = _transport_failure(exc)
@@ -369,8 +379,9 @@ class TeacherClient:
     def cost(self, completion: Completion) -> float:
         return self._client.cost(completion)
 
-    def chat(self, request: ChatRequest, *, stream: bool = False) -> Completion:
-        return self._run(self._client.chat(request, stream=stream))
+    def chat(self, request: ChatRequest, *, stream: bool = False,
+             first_output: list[float] | None = None) -> Completion:
+        return self._run(self._client.chat(request, stream=stream, first_output=first_output))
 
     def complete(self, prompt: str, **kwargs: Any) -> Completion:
         return self._run(self._client.complete(prompt, **kwargs))

@@ -257,6 +257,11 @@ class StreamAccumulator:
         self._usage: Usage | None = None
         self._head: dict[str, Any] = {}
 
+    @property
+    def has_output(self) -> bool:
+        """Whether any answer text, reasoning or tool call has arrived yet."""
+        return bool(self._text or self._reasoning or self._calls)
+
     def feed(self, chunk: bytes) -> None:
         text = self._pending + self._decode(chunk)
         hold_cr = text.endswith("\r")  # maybe the first half of a CRLF split across chunks
