@@ -103,8 +103,8 @@ def run_demo(cfg: DemoConfig, work: Path, progress: bool = True, name: str = "de
                      f"(top-{cfg.kd.top_logprobs} logprobs)")
 
     with clock.stage("student", "KD: top-k forward KL + CE on the teacher's records") as st:
-        config = train_config(cfg, "student", work, tok_dir, sizes["student"], [kd_file],
-                              progress)
+        config = train_config(cfg, "student", work, tok_dir, sizes["student"],
+                              [Path(summary["kd"]["merged"])], progress)
         student_ckpt, summary["student"] = train(config, _log)
         st.detail = _train_detail(summary["student"])
 

@@ -118,7 +118,9 @@ def write_report(summary: dict[str, Any], eval_result: dict[str, Any], work: Pat
         "## KD data", "",
         f"{kd['records']} records in `kd/kd.jsonl` from the teacher server at {kd['url']} "
         f"(temperature {cfg['kd']['temperature']}, top-{cfg['kd']['top_logprobs']} logprobs per "
-        f"token, {kd['cache_hits']} cache hits, {kd['wall_s']:.1f} s).", "",
+        f"token, {kd['cache_hits']} cache hits, {kd['wall_s']:.1f} s). `teacher merge` sorted "
+        "them by id into `kd/kd.merged.jsonl`, the student's training data (generation order "
+        "varies with concurrency; the merged order does not).", "",
         "## Core ML export and verification", "", *_coreml(summary),
         "## Stages", "", *_stages(clock),
     ]

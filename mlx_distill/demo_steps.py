@@ -190,6 +190,7 @@ def generate_kd(cfg: DemoConfig, teacher_ckpt: Path, prompts: Path, out: Path,
     from mlx_distill.teacher.kdgen import Generator
     from mlx_distill.teacher.kdprogress import format_summary
     from mlx_distill.teacher.kdrun import EXIT_OK, GenerateConfig
+    from mlx_distill.teacher.merge import merge_files
 
     k = cfg.kd
     with teacher_server(teacher_ckpt, out.parent / "teacher-serve.log") as url:
@@ -202,8 +203,12 @@ def generate_kd(cfg: DemoConfig, teacher_ckpt: Path, prompts: Path, out: Path,
     if result.exit_code != EXIT_OK:
         raise DemoError(f"{out}: teacher generate stopped ({result.stop_reason or 'failures'}); "
                         f"{result.records}/{result.total} records, see {out}.failed.jsonl")
+    # Records land in completion order, which concurrency makes vary from run to run; `teacher
+    # merge` sorts them by id, so the student sees the same data order for the same seed.
+    merged = out.with_name(out.stem + ".merged.jsonl")
+    merge_files([out], merged)
     return {"url": url, "records": result.records, "cache_hits": result.cache_hits,
-            "wall_s": result.wall_s}
+            "wall_s": result.wall_s, "merged": str(merged)}
 
 
 # ---- Core ML ----

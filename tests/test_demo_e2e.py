@@ -48,6 +48,9 @@ def test_quick_demo_passes_the_toy_gates(demo_run, capsys):
     kd = out / "kd" / "kd.jsonl"
     assert len(kd.read_text().splitlines()) == summary["kd"]["records"] == n_train
     assert (out / "kd" / "kd.jsonl.state.json").is_file()
+    # The student trains on the merged copy: the same records, sorted by id.
+    merged = [json.loads(line)["id"] for line in (out / "kd" / "kd.merged.jsonl").open()]
+    assert merged == sorted(json.loads(line)["id"] for line in kd.open())
     assert (out / "kd" / "kd.jsonl.cache").is_dir()
     assert summary["kd"]["url"].startswith("http://127.0.0.1:")
     assert (out / "kd" / "teacher-serve.log").is_file()  # served by a `teacher serve` process
