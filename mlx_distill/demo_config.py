@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_distill.config import ConfigError, ModelConfig, read_yaml, resolve_config_path
+from mlx_distill.config import ConfigError, ModelConfig, resolve_config_path
 from mlx_distill.demo_data import TASKS
-from mlx_distill.train_config import _build, apply_override
+from mlx_distill.train_config import _build, _choice, _fraction, _positive, read_sections
 
 PRECISIONS = ("fp16", "int8", "int4")
 
@@ -107,8 +107,7 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task: expected one of {', '.join(TASKS)}; got {self.task!r}")
+        _choice(self.task, TASKS, "task")
         d = self.data
         for name in ("n_train", "n_val", "n_test"):
             _at_least(getattr(d, name), 1, f"data.{name}")
@@ -118,8 +117,7 @@ class DemoConfig:
         for name in ("teacher", "student"):
             self._check_training(getattr(self, name), name)
         s = self.student
-        if not 0 <= s.alpha <= 1:
-            raise ConfigError(f"student.alpha: expected a number in [0, 1], got {s.alpha}")
+        _fraction(s.alpha, "student.alpha")
         _positive(s.kd_temperature, "student.kd_temperature")
         _positive(s.tool_weight, "student.tool_weight")
         _positive(s.min_ratio, "student.min_ratio")
@@ -161,19 +159,13 @@ class DemoConfig:
         if x.max_context > self.student.model.max_seq_len:
             raise ConfigError(f"export.max_context: expected <= student.model.max_seq_len "
                               f"({self.student.model.max_seq_len}), got {x.max_context}")
-        if x.layout not in ("linear", "ane"):
-            raise ConfigError(f"export.layout: expected linear or ane, got {x.layout!r}")
+        _choice(x.layout, ("linear", "ane"), "export.layout")
         _at_least(x.decode_steps, 1, "export.decode_steps")
 
 
 def _at_least(value: int, low: int, where: str) -> None:
     if value < low:
         raise ConfigError(f"{where}: expected an integer >= {low}, got {value}")
-
-
-def _positive(value: float, where: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{where}: expected a positive number, got {value}")
 
 
 def _lengths(values: list[int], where: str, limit: int) -> None:
@@ -186,12 +178,7 @@ def load_demo_config(name_or_path: str | Path, overrides: list[str] | tuple[str,
                      ) -> DemoConfig:
     """Read, override (``section.field=value``, the value parsed as YAML) and validate."""
     path = resolve_config_path(name_or_path, "demo")
-    data = read_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections "
-                          f"{[f.name for f in dataclasses.fields(DemoConfig)]}")
-    for item in overrides:
-        apply_override(data, item)
+    data = read_sections(path, DemoConfig, overrides)
     try:
         config = _build(DemoConfig, data, "")
         config.validate()

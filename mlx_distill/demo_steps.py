@@ -4,6 +4,7 @@ Core ML export + verification, and evaluation. :mod:`mlx_distill.demo` runs them
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -217,8 +218,8 @@ def export_and_verify(cfg: DemoConfig, student_ckpt: Path, out_dir: Path,
                       precision: str) -> dict[str, Any]:
     """Export the student at ``precision`` with the enumerated shapes, then verify the package
     against the checkpoint in MLX (verify-coreml's gates). Returns sizes and the verdict."""
-    from converters.export import ExportError, contract_path, export_coreml
-    from converters.verify import verify_package
+    from converters.export import ExportError, export_coreml
+    from converters.verify import read_contract, verify_package
 
     x = cfg.export
     pkg = out_dir / f"student-{precision}.mlpackage"
@@ -229,9 +230,7 @@ def export_and_verify(cfg: DemoConfig, student_ckpt: Path, out_dir: Path,
     except ExportError as exc:
         raise DemoError(f"export {precision}: {exc}") from None
     exported = time.perf_counter() - started
-    import json
-
-    contract = json.loads(contract_path(pkg).read_text())
+    contract = read_contract(pkg)
     report = verify_package(pkg, student_ckpt, seed=cfg.data.seed, steps=x.decode_steps)
     atomic_write_text(out_dir / f"verify-{precision}.json", json.dumps(report, indent=2) + "\n")
     rows, decode = report["prefill"], report["decode"]

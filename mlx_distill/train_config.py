@@ -271,15 +271,22 @@ class TrainConfig:
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                       ) -> TrainConfig:
     """Read, override (``section.field=value``) and validate a training config."""
+    return config_from_dict(read_sections(path, TrainConfig, overrides), str(path))
+
+
+def read_sections(path: str | Path, cls: type, overrides: list[str] | tuple[str, ...] = ()
+                  ) -> dict[str, Any]:
+    """The YAML mapping at ``path`` (empty file: ``{}``) with ``overrides`` applied, before it is
+    built into the dataclass ``cls`` whose fields name the sections."""
     data = read_yaml(Path(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections "
-                          f"{[f.name for f in dataclasses.fields(TrainConfig)]}")
+                          f"{[f.name for f in dataclasses.fields(cls)]}")
     for item in overrides:
         apply_override(data, item)
-    return config_from_dict(data, str(path))
+    return data
 
 
 def config_from_dict(data: dict[str, Any], source: str = "") -> TrainConfig:

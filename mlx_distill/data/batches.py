@@ -152,7 +152,7 @@ class BatchLoader:
         self.fingerprint = self._fingerprint()
 
     def _slot_count(self, shape: int) -> int:
-        longest = max((_supervised_run(self.examples[i], shape)[1] for i in self.buckets[shape]),
+        longest = max((self.examples[i].supervised_run(shape)[1] for i in self.buckets[shape]),
                       default=1)
         return slot_width(longest, shape)
 
@@ -247,7 +247,7 @@ class BatchLoader:
         for r, index in enumerate(indices):
             if index is None:
                 continue
-            start, count = _supervised_run(self.examples[int(index)], shape)
+            start, count = self.examples[int(index)].supervised_run(shape)
             positions[r, :count] = np.arange(start, start + count)
             valid[r, :count] = 1.0
         batch["loss_positions"], batch["loss_slots"] = mx.array(positions), mx.array(valid)
@@ -298,8 +298,3 @@ def slot_width(longest_run: int, shape: int) -> int:
     rounded up to a multiple of 8 (fewer distinct widths), at most ``shape``."""
     return min(shape, -(-max(longest_run, 1) // _SLOT_MULTIPLE) * _SLOT_MULTIPLE)
 
-
-def _supervised_run(example: Example, shape: int) -> tuple[int, int]:
-    """``(start, count)`` of the positions ``example.arrays(shape)`` may supervise."""
-    start = example.prompt_len - 1
-    return start, max(0, min(example.length, shape) - start)

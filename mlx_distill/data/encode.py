@@ -57,13 +57,19 @@ class Example:
     def aligned(self) -> int:
         return 0 if self.teacher is None else self.teacher.aligned
 
+    def supervised_run(self, length: int | None = None) -> tuple[int, int]:
+        """``(start, count)``: the one run of positions ``arrays(length)`` may put a loss on."""
+        start = self.prompt_len - 1
+        size = self.length if length is None else length
+        return start, max(0, min(self.length, size) - start)
+
     def arrays(self, length: int | None = None, k: int = 1, pad_id: int = 0) -> dict[str, Any]:
         """Dense target-aligned arrays of ``length`` positions (default: all), truncated at the
         end or padded (pad id, masks 0, ``top_logprobs`` −inf); ``k`` carried entries per row
         (a teacher row with more is cut to its ``k`` most likely: the rest joins the tail)."""
         size = self.length if length is None else length
         n = min(self.length, size)
-        start = self.prompt_len - 1
+        start, rows = self.supervised_run(size)
         out = {
             "inputs": np.full(size, pad_id, dtype=np.int32),
             "targets": np.full(size, pad_id, dtype=np.int32),
@@ -75,9 +81,8 @@ class Example:
         }
         out["inputs"][:n] = self.ids[:n]
         out["targets"][:n] = self.ids[1 : n + 1]
-        if n <= start:
+        if rows == 0:
             return out
-        rows = n - start
         out["loss_mask"][start:n] = 1.0
         if not self.train_on_end and n == self.length:
             out["loss_mask"][n - 1] = 0.0
