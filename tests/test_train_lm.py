@@ -1,4 +1,5 @@
-"""The plain LM training step (the end-to-end demo is tests/test_demo_e2e.py)."""
+"""The plain LM training step (`make_train_step`, `lm_loss`, `lm_batches`) used by the export
+tests and benchmarks/train_step.py; the end-to-end demo is tests/test_demo_e2e.py."""
 
 import mlx.core as mx
 import mlx.optimizers as optim
