@@ -315,7 +315,7 @@ def test_the_api_key_never_appears_in_errors_reprs_stats_or_logs(monkeypatch, ca
         with TeacherClient(spec) as client, pytest.raises(RequestFailed) as info:
             client.chat(chat(0))
         texts = [str(info.value), repr(info.value), repr(client), str(client.stats), caplog.text,
-                 repr(client._client._pools._clients)]
+                 repr(client._client._http)]
     finally:
         server.shutdown()
         server.server_close()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_distill.teacher.jsontext import dumps_compact, loads, loads_plain
+from mlx_distill.teacher.jsontext import dumps_canonical, dumps_compact, loads, loads_plain
 from mlx_distill.teacher.kdgen import Generator
 from mlx_distill.teacher.records import COMPLETION_FIELDS, build_record, dump_record
 from mlx_distill.teacher.types import (
@@ -66,6 +66,31 @@ def test_non_finite_floats_raise_like_json(floats, bad, at):
         reference(value)
     with pytest.raises(ValueError):
         dumps_compact(value)
+
+
+CANONICAL_VALUES = st.recursive(
+    st.one_of(SCALARS, st.sampled_from([math.nan, math.inf, -math.inf])),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.tuples(inner, inner),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=5)),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(CANONICAL_VALUES)
+def test_dumps_canonical_spells_every_value_as_sorted_json_does(value):
+    """Cache keys depend on this spelling: it must not change with the writer."""
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert dumps_canonical(value) == expected == canonical_json(value)
+
+
+def test_canonical_falls_back_for_what_orjson_cannot_take():
+    for value in [{1: 2}, {"b": (1, 2.5e-7), "a": None}, [2**64], {"a": "\ud800"},
+                  {"z": [math.nan], "é": 1, "e": 2}]:
+        expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert dumps_canonical(value) == expected
+    with pytest.raises(TypeError):  # json cannot sort mixed key types either
+        dumps_canonical({1: 2, "a": 3})
 
 
 def test_strings_keep_utf8_and_escape_as_json_does():

@@ -76,5 +76,7 @@ def test_api_key_never_reaches_any_file(tmp_path):
     failed = [json.loads(x) for x in (work / "kd.jsonl.failed.jsonl").read_text().splitlines()]
     assert [(f["id"], f["reason"]) for f in failed] == [("too-many-logprobs", "http_400")]
     assert (work / "kd.jsonl").read_bytes().count(b"\n") == 30
-    assert b"DEBUG" in log.read_bytes()  # the libraries' debug logging really was captured
+    # Logging at DEBUG really was captured: httpx's request lines and the client's retries.
+    assert b"INFO:httpx:HTTP Request: POST" in log.read_bytes()
+    assert b"; retrying in " in log.read_bytes()
     assert leaks(work, key) == []

@@ -169,6 +169,49 @@ def test_top_k_sorted_with_ties_broken_by_token_and_nan_last():
     assert [t for t, _ in top] == ["b", "a", "z", "n"] and math.isnan(top[-1][1])
 
 
+def _reference_token(entry) -> TokenLogprob:
+    """The parse of one logprobs entry, written plainly: any float() of the value (NaN when
+    there is none), top sorted by (logprob descending, NaN last; then token)."""
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    top = [(str(t.get("token", "")), number(t.get("logprob")))
+           for t in entry.get("top_logprobs") or [] if isinstance(t, dict)]
+    top.sort(key=lambda p: (math.inf if math.isnan(p[1]) else -p[1], p[0]))
+    raw = entry.get("bytes")
+    ok = isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw)
+    return TokenLogprob(str(entry.get("token") or ""), number(entry.get("logprob")), top,
+                        list(raw) if ok else None)
+
+
+json_number = st.one_of(
+    st.sampled_from([-1.0, -1, -2.5, 0.0, -0.0]),  # ties: broken by token
+    st.floats(-50, 5), st.integers(-50, 0),
+    st.sampled_from([None, "-1.5", "x", math.inf, -math.inf, math.nan, True]))
+
+
+TOP_ENTRIES = st.lists(st.fixed_dictionaries({}, optional={
+    "token": st.one_of(text, st.none(), st.integers()), "logprob": json_number}), max_size=8)
+BYTES = st.one_of(st.none(), st.lists(st.integers(-2, 300), max_size=5),
+                  st.lists(st.booleans(), max_size=3), st.just([1.0]), st.just("abc"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TOP_ENTRIES, st.sampled_from([-1.0, -2.0, "-1", None]), BYTES)
+def test_token_entries_parse_like_the_plain_reference(tops, logprob, raw):
+    entry = {"token": "t", "logprob": logprob, "top_logprobs": tops, "bytes": raw}
+    body = {"choices": [{"message": {"content": "t"}, "logprobs": {"content": [entry]}}]}
+    got, expected = parse_chat(body).tokens[0], _reference_token(entry)
+    same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
+    assert [t for t, _ in got.top] == [t for t, _ in expected.top]
+    assert all(same(a, b) for (_, a), (_, b) in zip(got.top, expected.top, strict=True))
+    assert (got.token, got.bytes) == (expected.token, expected.bytes)
+    assert same(got.logprob, expected.logprob)
+
+
 def test_legacy_and_chat_style_completions_logprobs():
     legacy = {"id": "cmpl-1", "model": "m", "choices": [{"text": "a b", "finish_reason": "length",
               "logprobs": {"tokens": ["a", " b"], "token_logprobs": [None, -0.5],

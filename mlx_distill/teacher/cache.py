@@ -29,7 +29,7 @@ from typing import Any
 
 from mlx_distill.cli import UserError
 from mlx_distill.teacher import jsontext
-from mlx_distill.teacher.types import Completion, canonical_json
+from mlx_distill.teacher.types import Completion, TokenLogprob, canonical_json
 
 # Part of every cache key (ChatRequest.cache_key) and the table layout version (user_version).
 CACHE_SCHEMA = 1
@@ -71,6 +71,22 @@ class CachedAnswer:
 
     def completion(self) -> Completion:
         return Completion.from_dict(jsontext.loads(self.completion_json))
+
+
+def _plain_tokens(tokens: list[TokenLogprob] | None) -> bool:
+    """Whether ``TokenLogprob.to_dict`` of each token holds only strings, byte values and plain
+    floats, which orjson writes as json does: then the canonical writer need not look at them
+    (they are most of an answer, and looking costs more than writing)."""
+    for token in tokens or ():
+        if type(token.token) is not str or not jsontext.plain_floats((token.logprob,)):
+            return False
+        if not all(type(t) is str for t, _ in token.top):
+            return False
+        if not jsontext.plain_floats(lp for _, lp in token.top):
+            return False
+        if token.bytes is not None and not set(map(type, token.bytes)) <= {int}:
+            return False
+    return True
 
 
 class TeacherCache:
@@ -238,8 +254,11 @@ class TeacherCache:
     @staticmethod
     def _row(key, completion, cost_usd, run_id, created, ledger_usd) -> tuple:
         created = time.time() if created is None else float(created)
-        payload = canonical_json(completion.to_dict() if isinstance(completion, Completion)
-                                 else completion)
+        if isinstance(completion, Completion):
+            plain = ("tokens",) if _plain_tokens(completion.tokens) else ()
+            payload = jsontext.dumps_canonical(completion.to_dict(), plain)
+        else:
+            payload = canonical_json(completion)
         ledger = float(cost_usd if ledger_usd is None else ledger_usd)
         return (key, payload, float(cost_usd), created, run_id, ledger)
 

@@ -39,6 +39,7 @@ from mlx_distill.teacher.config import TeacherSpec, token_bounds
 from mlx_distill.teacher.config import api_key as env_api_key
 from mlx_distill.teacher.errors import InvalidRequest, RequestFailed, WireError, redact
 from mlx_distill.teacher.limits import RateLimits, parse_retry_after
+from mlx_distill.teacher.transport import AiohttpTransport, new_event_loop
 from mlx_distill.teacher.types import ChatRequest, Completion
 from mlx_distill.teacher.wire import (
     CompletionRequest,
@@ -80,55 +81,19 @@ def _transport_failure(exc: httpx.TransportError) -> _AttemptFailed:
                           maybe_billed=billed)
 
 
-class _PoolShards:
-    """Several small httpx connection pools instead of one big one.
-
-    httpcore 1.0 rescans every pooled connection (polling idle sockets, plus a quadratic count)
-    each time a request starts or ends: measured on this 2-core box, 8.3 ms of client CPU per
-    request with one 32-connection pool vs 2.4 ms with eight 4-connection pools. Each request
-    takes the least busy shard, so with at most ``concurrency`` requests in flight (the rate
-    limiter's cap) a shard always has a free connection. Shards are created on first use and
-    share one TLS context (building one costs ~0.25 s).
-    """
-
-    SHARD_CONNECTIONS = 4
-
-    def __init__(self, spec: TeacherSpec, headers: dict[str, str], timeout: httpx.Timeout,
-                 transport: httpx.AsyncBaseTransport | None):
-        self._base_url = spec.base_url + "/"
-        self._headers, self._timeout, self._transport = headers, timeout, transport
-        # A caller's transport holds its own pool: share it. http:// needs no TLS context (we
-        # never follow redirects, so requests stay on base_url's origin).
-        n = 1 if transport is not None else -(-spec.limits.concurrency // self.SHARD_CONNECTIONS)
-        self._clients: list[httpx.AsyncClient | None] = [None] * n
-        self._busy = [0] * n
-        self._tls = spec.base_url.startswith("https://")
-        self._tls_context: ssl.SSLContext | None = None
-
-    def _make(self) -> httpx.AsyncClient:
-        if self._tls and self._tls_context is None:
-            self._tls_context = ssl.create_default_context(cafile=certifi.where())
-        size = self.SHARD_CONNECTIONS
-        return httpx.AsyncClient(
-            base_url=self._base_url, headers=self._headers, timeout=self._timeout,
-            transport=self._transport, verify=self._tls_context or False,
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
-
-    def acquire(self) -> tuple[httpx.AsyncClient, int]:
-        shard = min(range(len(self._busy)), key=self._busy.__getitem__)
-        self._busy[shard] += 1
-        client = self._clients[shard]
-        if client is None:
-            client = self._clients[shard] = self._make()
-        return client, shard
-
-    def release(self, shard: int) -> None:
-        self._busy[shard] -= 1
-
-    async def aclose(self) -> None:
-        for client in self._clients:
-            if client is not None:
-                await client.aclose()
+def _http_client(spec: TeacherSpec, headers: dict[str, str], timeout: httpx.Timeout,
+                 transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    """One httpx client over aiohttp (``transport.py``), sized to the tier's concurrency. A
+    caller's transport (e.g. one with its own pool) is used as given."""
+    if transport is None:
+        # http:// needs no TLS context (we never follow redirects, so requests stay on
+        # base_url's origin); building one costs ~0.25 s.
+        tls = spec.base_url.startswith("https://")
+        transport = AiohttpTransport(
+            max_connections=spec.limits.concurrency,
+            verify=ssl.create_default_context(cafile=certifi.where()) if tls else False)
+    return httpx.AsyncClient(base_url=spec.base_url + "/", headers=headers, timeout=timeout,
+                             transport=transport)
 
 
 class AsyncTeacherClient:
@@ -150,7 +115,7 @@ class AsyncTeacherClient:
         headers = {"User-Agent": "mlx-distill", "Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        self._pools = _PoolShards(self.spec, headers, timeout, transport)
+        self._http = _http_client(self.spec, headers, timeout, transport)
         self._counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
@@ -291,7 +256,7 @@ class AsyncTeacherClient:
 
     async def _send(self, path: str, payload: bytes, kind: str, stream: bool,
                     first_output: list[float] | None = None) -> Completion:
-        http, shard = self._pools.acquire()
+        http = self._http
         try:
             if not stream:
                 response = await http.post(path, content=payload)
@@ -313,8 +278,6 @@ class AsyncTeacherClient:
             failure = _transport_failure(exc)
             failure.message = redact(failure.message, self._key)
             raise failure from None
-        finally:
-            self._pools.release(shard)
 
     def _parse(self, parse):
         try:
@@ -334,7 +297,7 @@ class AsyncTeacherClient:
             retry_after=parse_retry_after(response.headers.get("retry-after")))
 
     async def aclose(self) -> None:
-        await self._pools.aclose()
+        await self._http.aclose()
 
     async def __aenter__(self) -> AsyncTeacherClient:
         return self
@@ -348,7 +311,7 @@ class TeacherClient:
     from several threads share one connection pool, one set of rate limits and one budget."""
 
     def __init__(self, spec: TeacherSpec, **kwargs: Any):
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client",
                                         daemon=True)
         self._thread.start()

@@ -54,36 +54,72 @@ def dumps_compact(value: Any, plain_keys: frozenset[str] | tuple[str, ...] = ())
     or in [1e-4, 1e16)), e.g. because ``loads_plain`` said so; they are not looked at.
     """
     try:
-        if plain_keys:
-            if type(value) is not dict:
-                raise _UseJson
-            checked = {k: v if k in plain_keys else _spelled_as_json(v) for k, v in value.items()}
-            if not set(map(type, checked)) <= _STR:
-                raise _UseJson
-        else:
-            checked = _spelled_as_json(value)
-        return orjson.dumps(checked).decode("utf-8")
+        return orjson.dumps(_checked(value, plain_keys)).decode("utf-8")
     except (_UseJson, orjson.JSONEncodeError):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def loads(text: str) -> Any:
-    """``json.loads(text)``, including its extensions (NaN, Infinity, lone surrogates)."""
-    return loads_plain(text)[0]
+def dumps_canonical(value: Any, plain_keys: frozenset[str] | tuple[str, ...] = ()) -> str:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``: the
+    spelling of cache keys and stored answers (``types.canonical_json``), NaN and ±inf included.
+    ``plain_keys`` as for ``dumps_compact``."""
+    try:
+        return orjson.dumps(_checked(value, plain_keys),
+                            option=orjson.OPT_SORT_KEYS).decode("utf-8")
+    except (_UseJson, ValueError, orjson.JSONEncodeError):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _checked(value: Any, plain_keys: frozenset[str] | tuple[str, ...]) -> Any:
+    """``value`` ready for orjson: floats outside the plain range as Fragments of their repr
+    (``_spelled_as_json``), except in the values of ``plain_keys``, which are not looked at."""
+    if not plain_keys:
+        return _spelled_as_json(value)
+    if type(value) is not dict or not set(map(type, value)) <= _STR:
+        raise _UseJson
+    return {k: v if k in plain_keys else _spelled_as_json(v) for k, v in value.items()}
+
+
+def plain_floats(values: Iterable[Any]) -> bool:
+    """Whether every value is a float that orjson and json spell alike (finite, zero or in
+    [1e-4, 1e16)): what a caller checks before naming a key in ``plain_keys``."""
+    return all(type(v) is float and (_PLAIN_MIN <= abs(v) < _PLAIN_MAX or v == 0.0)
+               for v in values)
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads(text)``, including its extensions (NaN, Infinity, lone surrogates, integers
+    beyond 64 bits, UTF-16 and UTF-32 bytes)."""
+    value = _loads(text, _shape(text))
+    return json.loads(text) if value is _JSON_READ else value
 
 
 def loads_plain(text: str) -> tuple[Any, bool]:
     """``json.loads(text)``, and whether every float in it is plain: finite (orjson refuses NaN,
     Infinity and numbers that overflow) and spelled without exponent between 1e-4 and 1e16."""
-    shape = (text.encode("utf-8", "surrogatepass") + b",").translate(_SHAPE)
-    if _LONG_INTEGER in shape:
-        return json.loads(text), False
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:  # NaN, Infinity, lone surrogates: json reads them
+    shape = _shape(text)
+    value = _loads(text, shape)
+    if value is _JSON_READ:
         return json.loads(text), False
     plain = _LONG_INTEGER_PART not in shape and not _has_exponent(shape)
     return value, plain and _SMALL_FRACTION not in text
+
+
+_JSON_READ = object()  # _loads' answer when only json can read the text exactly
+
+
+def _shape(text: str | bytes) -> bytes:
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    return (raw + b",").translate(_SHAPE)
+
+
+def _loads(text: str | bytes, shape: bytes) -> Any:
+    if _LONG_INTEGER in shape:
+        return _JSON_READ
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # NaN, Infinity, lone surrogates, not UTF-8: json reads them
+        return _JSON_READ
 
 
 def _has_exponent(shape: bytes) -> bool:

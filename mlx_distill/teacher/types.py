@@ -9,9 +9,10 @@ The record layout is versioned by ``KD_SCHEMA`` and documented field by field in
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from mlx_distill.teacher.jsontext import dumps_canonical
 
 # Bump when a KD record's layout changes incompatibly; readers refuse other versions.
 KD_SCHEMA = "mlx-distill.kd/1"
@@ -37,8 +38,9 @@ KD_RECORD_FIELDS: dict[str, str] = {
 
 
 def canonical_json(value: Any) -> str:
-    """One spelling per value: sorted keys, no whitespace, UTF-8 kept (cache keys, checksums)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One spelling per value: sorted keys, no whitespace, UTF-8 kept (cache keys, checksums).
+    Exactly ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``."""
+    return dumps_canonical(value)
 
 
 def sha256_text(text: str) -> str:

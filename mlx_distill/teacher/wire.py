@@ -21,10 +21,12 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_distill.teacher import jsontext
 from mlx_distill.teacher.errors import WireError
 from mlx_distill.teacher.types import Completion, TokenLogprob, ToolCall, Usage
 
@@ -74,7 +76,7 @@ class CompletionRequest:
 
 def parse_json(data: bytes | str, what: str = "response body") -> Any:
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except ValueError as exc:
         raise WireError("bad_json", f"{what} is not valid JSON ({exc})", retryable=True) from None
 
@@ -104,19 +106,41 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _sorted_top(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    return sorted(pairs, key=lambda p: (-p[1] if not math.isnan(p[1]) else math.inf, p[0]))
-
-
 def parse_token(entry: Any) -> TokenLogprob:
     """One ``logprobs.content[]`` entry. mlx_lm.server omits ``token`` (only ``id``): ''."""
     entry = entry if isinstance(entry, dict) else {}
-    top = [(str(t.get("token", "")), _float(t.get("logprob")))
-           for t in entry.get("top_logprobs") or [] if isinstance(t, dict)]
+    top = []
+    for t in entry.get("top_logprobs") or ():
+        if isinstance(t, dict):
+            token, logprob = t.get("token", ""), t.get("logprob")
+            top.append((token if type(token) is str else str(token),
+                        logprob if type(logprob) is float else _float(logprob)))
     raw = entry.get("bytes")
-    ok_bytes = isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw)
     return TokenLogprob(token=str(entry.get("token") or ""), logprob=_float(entry.get("logprob")),
-                        top=_sorted_top(top), bytes=list(raw) if ok_bytes else None)
+                        top=_sorted_top(top), bytes=list(raw) if _byte_values(raw) else None)
+
+
+def _sorted_top(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """By logprob, highest first (NaN last), then by token."""
+    if any(lp != lp for _, lp in pairs):  # NaN: sort() needs a total order
+        return sorted(pairs, key=lambda p: (-p[1] if not math.isnan(p[1]) else math.inf, p[0]))
+    pairs.sort(key=_TOKEN)  # two stable passes in C instead of a tuple key per pair
+    pairs.sort(key=_LOGPROB, reverse=True)
+    return pairs
+
+
+_TOKEN, _LOGPROB = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _byte_values(raw: Any) -> bool:
+    """A list of ints 0..255 (``bytes()`` refuses anything else JSON can hold)."""
+    if not isinstance(raw, list):
+        return False
+    try:
+        bytes(raw)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_legacy_tokens(logprobs: dict[str, Any]) -> list[TokenLogprob]:
