@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_distill.teacher.jsontext import dumps_canonical, dumps_compact, loads, loads_plain
+from mlx_distill.teacher.cache import TeacherCache
+from mlx_distill.teacher.jsontext import (
+    dumps_canonical,
+    dumps_compact,
+    loads,
+    loads_plain,
+    plain_floats,
+)
 from mlx_distill.teacher.kdgen import Generator
 from mlx_distill.teacher.records import COMPLETION_FIELDS, build_record, dump_record
 from mlx_distill.teacher.types import (
@@ -91,6 +98,29 @@ def test_canonical_falls_back_for_what_orjson_cannot_take():
         assert dumps_canonical(value) == expected
     with pytest.raises(TypeError):  # json cannot sort mixed key types either
         dumps_canonical({1: 2, "a": 3})
+
+
+ANY_FLOAT = st.one_of(FLOATS, st.sampled_from([math.nan, math.inf, -math.inf, 1e300, -1e300]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(ANY_FLOAT, st.integers(-3, 3)), max_size=12))
+def test_plain_floats_is_the_definition(values):
+    definition = all(type(v) is float and (v == 0.0 or 1e-4 <= abs(v) < 1e16) for v in values)
+    assert plain_floats(values) == definition
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=4), ANY_FLOAT,
+                          st.lists(st.tuples(st.text(max_size=4), ANY_FLOAT), max_size=4),
+                          st.one_of(st.none(), st.lists(st.integers(0, 255), max_size=4))),
+                max_size=5))
+def test_cached_answers_are_spelled_as_canonical_json(tokens):
+    completion = Completion(text="t", usage=Usage(1, 2, 3), tokens=[
+        TokenLogprob(token, logprob, top, raw) for token, logprob, top, raw in tokens])
+    payload = TeacherCache._row("key", completion, 0.0, None, 1.0, None)[1]
+    assert payload == json.dumps(completion.to_dict(), sort_keys=True, separators=(",", ":"),
+                                 ensure_ascii=False)
 
 
 def test_strings_keep_utf8_and_escape_as_json_does():

@@ -77,16 +77,14 @@ def _plain_tokens(tokens: list[TokenLogprob] | None) -> bool:
     """Whether ``TokenLogprob.to_dict`` of each token holds only strings, byte values and plain
     floats, which orjson writes as json does: then the canonical writer need not look at them
     (they are most of an answer, and looking costs more than writing)."""
-    for token in tokens or ():
-        if type(token.token) is not str or not jsontext.plain_floats((token.logprob,)):
-            return False
-        if not all(type(t) is str for t, _ in token.top):
-            return False
-        if not jsontext.plain_floats(lp for _, lp in token.top):
-            return False
-        if token.bytes is not None and not set(map(type, token.bytes)) <= {int}:
-            return False
-    return True
+    if not tokens:
+        return True
+    tops = [pair for token in tokens for pair in token.top]
+    strings = [token.token for token in tokens] + [pair[0] for pair in tops]
+    byte_values = [b for token in tokens if token.bytes for b in token.bytes]
+    return (set(map(type, strings)) <= {str} and set(map(type, byte_values)) <= {int}
+            and jsontext.plain_floats([token.logprob for token in tokens]
+                                      + [pair[1] for pair in tops]))
 
 
 class TeacherCache:

@@ -116,6 +116,7 @@ class AsyncTeacherClient:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         self._http = _http_client(self.spec, headers, timeout, transport)
+        self._urls: dict[str, httpx.URL] = {}
         self._counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
@@ -256,13 +257,13 @@ class AsyncTeacherClient:
 
     async def _send(self, path: str, payload: bytes, kind: str, stream: bool,
                     first_output: list[float] | None = None) -> Completion:
-        http = self._http
+        http, url = self._http, self._urls.get(path) or self._url(path)
         try:
             if not stream:
-                response = await http.post(path, content=payload)
+                response = await http.post(url, content=payload)
                 self._check_status(response, response.content)
                 return self._parse(lambda: parse_response(response.content, kind))
-            async with http.stream("POST", path, content=payload) as response:
+            async with http.stream("POST", url, content=payload) as response:
                 error_body = await response.aread() if response.status_code >= 300 else b""
                 self._check_status(response, error_body)
                 if "text/event-stream" not in response.headers.get("content-type", ""):
@@ -278,6 +279,11 @@ class AsyncTeacherClient:
             failure = _transport_failure(exc)
             failure.message = redact(failure.message, self._key)
             raise failure from None
+
+    def _url(self, path: str) -> httpx.URL:
+        """``base_url/path``, parsed once: httpx would parse and join it on every request."""
+        url = self._urls[path] = self._http.base_url.join(path)
+        return url
 
     def _parse(self, parse):
         try:

@@ -122,7 +122,8 @@ def parse_token(entry: Any) -> TokenLogprob:
 
 def _sorted_top(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """By logprob, highest first (NaN last), then by token."""
-    if any(lp != lp for _, lp in pairs):  # NaN: sort() needs a total order
+    total = sum(map(_LOGPROB, pairs))
+    if total != total:  # NaN (or inf - inf): sort() needs a total order
         return sorted(pairs, key=lambda p: (-p[1] if not math.isnan(p[1]) else math.inf, p[0]))
     pairs.sort(key=_TOKEN)  # two stable passes in C instead of a tuple key per pair
     pairs.sort(key=_LOGPROB, reverse=True)
