@@ -80,7 +80,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     The aiohttp session is made on the first request, inside the event loop that runs it."""
 
     def __init__(self, *, max_connections: int, verify: ssl.SSLContext | bool = True,
-                 keepalive_expiry_s: float = 15.0):
+                 keepalive_expiry_s: float = 5.0):
         self._max_connections, self._verify = max_connections, verify
         self._keepalive_expiry_s = keepalive_expiry_s
         self._session: aiohttp.ClientSession | None = None
