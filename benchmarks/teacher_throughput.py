@@ -4,6 +4,9 @@
    ``--concurrency`` (32) requests in flight the bound is concurrency / delay = 320 req/s. The
    FakeTeacher runs in its own process (``tests/fake_teacher.py``) so the server's CPU does not
    compete with the generator's for one interpreter. Goal: achieved ≥ 0.9 × bound.
+   The peer, against the same server in the same run: a bare aiohttp loop posting the same
+   request bodies at the same concurrency and only reading the answers (no parsing, cache,
+   budget or output). What it misses of the bound is the server's own overhead, not a client's.
 2. RPM limit: a tier allowing ``--rpm`` requests per window. A 60-s window would take minutes, so
    the client's limiter gets a short ``--window`` (2 s, limit scaled to match) through
    ``Generator(client_options={"limits": RateLimits(tier, window_s=...)})``: the same sliding-window
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import json
 import os
@@ -29,15 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from kd_helpers import prompt_records, write_prompts, write_teachers  # noqa: E402
 
-from mlx_distill.teacher.config import Tier  # noqa: E402
+from mlx_distill.teacher.config import Tier, load_teacher  # noqa: E402
 from mlx_distill.teacher.kdgen import Generator  # noqa: E402
 from mlx_distill.teacher.kdrun import GenerateConfig  # noqa: E402
 from mlx_distill.teacher.limits import RateLimits  # noqa: E402
+from mlx_distill.teacher.prompts import load_prompts  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +75,32 @@ def run(directory: Path, teachers: Path, prompts: Path, name: str, args):
     return result, time.perf_counter() - start, time.process_time() - cpu
 
 
+def peer_rps(url: str, teachers: Path, prompts: Path, generator: Generator, args) -> float:
+    """Requests/s of a bare aiohttp loop sending ``teacher generate``'s own request bodies."""
+    spec = load_teacher("fake", path=teachers)
+    records, _ = load_prompts(prompts, spec.max_top_logprobs)
+    bodies = [json.dumps(generator.defaults.request(p).body(spec.model)).encode()
+              for p in records]
+
+    async def main() -> float:
+        connector = aiohttp.TCPConnector(limit=args.concurrency)
+        headers = {"Content-Type": "application/json"}
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+            queue = iter(bodies)
+
+            async def worker():
+                for body in queue:
+                    async with session.post(f"{url}/chat/completions", data=body) as response:
+                        await response.read()
+                        assert response.status == 200, response.status
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            return len(bodies) / (time.perf_counter() - start)
+
+    return asyncio.run(main())
+
+
 def max_in_window(times: list[float], window: float) -> int:
     times = sorted(times)
     return max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
@@ -83,6 +116,9 @@ def request_throughput(tmp: Path, args) -> dict:
         prompts = write_prompts(tmp / "p.jsonl", prompt_records(args.prompts))
         result, wall, cpu = run(tmp, teachers, prompts, "kd.jsonl", args)
         assert result.exit_code == 0 and result.cache_misses == args.prompts, result
+        peer = peer_rps(url, teachers, prompts, Generator(GenerateConfig(
+            prompts=prompts, out=tmp / "peer.jsonl", teacher="fake", teachers_config=teachers,
+            top_logprobs=args.top_logprobs, max_tokens=args.max_tokens)), args)
         replays, replay_cpu = [], []
         for i in range(args.replays):
             again, seconds, cpu_s = run(tmp, teachers, prompts, f"replay{i}.jsonl", args)
@@ -92,7 +128,7 @@ def request_throughput(tmp: Path, args) -> dict:
     finally:
         server.terminate()
         server.wait()
-    return {"rps": args.prompts / wall, "bound": args.concurrency / args.delay,
+    return {"rps": args.prompts / wall, "bound": args.concurrency / args.delay, "peer_rps": peer,
             "cpu_ms_per_request": 1000 * cpu / args.prompts,
             "replay": statistics.median(replays), "replays": replays,
             "replay_per_cpu_s": statistics.median(replay_cpu),
@@ -160,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("request throughput (req/s)", f"{t['rps']:.1f}", f"bound {t['bound']:.0f}",
          f"{t['rps'] / t['bound']:.2f}", "≥ 0.90"),
+        ("bare aiohttp loop, same server (req/s)", f"{t['peer_rps']:.1f}",
+         f"bound {t['bound']:.0f}", f"{t['peer_rps'] / t['bound']:.2f}", "peer"),
+        ("ours / bare aiohttp loop", f"{t['rps'] / t['peer_rps']:.2f}", "", "", ""),
         (f"max requests in any {r['window']:g}-s window", str(r["observed"]),
          f"limit {r['limit']}", f"{r['observed'] / r['limit']:.2f}", "≤ 1.00"),
         ("cache replay (records/s)", f"{t['replay']:.0f}", "goal 5000",

@@ -29,7 +29,7 @@ from typing import Any
 
 from mlx_distill.cli import UserError
 from mlx_distill.teacher import jsontext
-from mlx_distill.teacher.types import Completion, TokenLogprob, canonical_json
+from mlx_distill.teacher.types import Completion, canonical_json
 
 # Part of every cache key (ChatRequest.cache_key) and the table layout version (user_version).
 CACHE_SCHEMA = 1
@@ -71,20 +71,6 @@ class CachedAnswer:
 
     def completion(self) -> Completion:
         return Completion.from_dict(jsontext.loads(self.completion_json))
-
-
-def _plain_tokens(tokens: list[TokenLogprob] | None) -> bool:
-    """Whether ``TokenLogprob.to_dict`` of each token holds only strings, byte values and plain
-    floats, which orjson writes as json does: then the canonical writer need not look at them
-    (they are most of an answer, and looking costs more than writing)."""
-    if not tokens:
-        return True
-    tops = [pair for token in tokens for pair in token.top]
-    strings = [token.token for token in tokens] + [pair[0] for pair in tops]
-    byte_values = [b for token in tokens if token.bytes for b in token.bytes]
-    return (set(map(type, strings)) <= {str} and set(map(type, byte_values)) <= {int}
-            and jsontext.plain_floats([token.logprob for token in tokens]
-                                      + [pair[1] for pair in tops]))
 
 
 class TeacherCache:
@@ -253,8 +239,10 @@ class TeacherCache:
     def _row(key, completion, cost_usd, run_id, created, ledger_usd) -> tuple:
         created = time.time() if created is None else float(created)
         if isinstance(completion, Completion):
-            plain = ("tokens",) if _plain_tokens(completion.tokens) else ()
-            payload = jsontext.dumps_canonical(completion.to_dict(), plain)
+            # The tokens are most of an answer: orjson writes them as json does when plain.
+            data = completion.to_dict()
+            plain = ("tokens",) if jsontext.written_plainly(data["tokens"]) else ()
+            payload = jsontext.dumps_canonical(data, plain)
         else:
             payload = canonical_json(completion)
         ledger = float(cost_usd if ledger_usd is None else ledger_usd)
