@@ -69,6 +69,15 @@ _charges: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
 )
 
 
+def _pass_on(future: asyncio.Future, exc: BaseException) -> None:
+    """End ``future`` as its producer ended: requests waiting on it (via shield) re-raise."""
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(exc)
+        future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+
 class LedgerBudget(Budget):
     """A ``Budget`` that also tells the request in the current task each amount it was charged,
     including attempts billed at their worst case (timeouts, cut streams), so that exactly what the
@@ -247,11 +256,7 @@ class Generator:
             completion = await self._fetch(request, charges)
         except BaseException as exc:
             del self._inflight[key]
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()  # retrieved: waiters, if any, re-raise it via shield
+            _pass_on(future, exc)
             raise
         if completion is None:
             del self._inflight[key]
@@ -288,11 +293,7 @@ class Generator:
             answer = await self.cache.aput(key, completion, answer_cost, self.run.run_id,
                                            ledger_usd=sum(charges))
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()
+            _pass_on(future, exc)
             raise
         finally:
             del self._inflight[key]
