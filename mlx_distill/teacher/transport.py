@@ -96,8 +96,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _proxy(self, url: httpx.URL) -> str | None:
         origin = (url.scheme, url.host)
         if origin not in self._proxies:
-            proxy = urllib.request.getproxies().get(url.scheme)
-            if proxy and urllib.request.proxy_bypass(url.host):
+            # The environment only, as httpx reads it (not macOS's system settings).
+            proxies = urllib.request.getproxies_environment()
+            proxy = proxies.get(url.scheme) or proxies.get("all")
+            if proxy and urllib.request.proxy_bypass_environment(url.host, proxies):
                 proxy = None
             self._proxies[origin] = proxy
         return self._proxies[origin]
