@@ -85,6 +85,34 @@ def test_a_refused_connection_is_a_connect_error_and_is_never_billed():
     assert budget.spent == 0.0 and budget.reserved == 0.0
 
 
+def test_a_garbled_http_answer_is_retried_and_billed_at_worst_case():
+    """Not HTTP at all after the request went out: the server may have billed it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                answered.append(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    budget = Budget(1.0)
+    try:
+        error = ask(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", budget=budget,
+                    max_attempts=2)
+    finally:
+        listener.close()
+    assert isinstance(error, RequestFailed) and error.attempts == 2 and len(answered) == 2
+    assert error.reason == "connection_reset" and "ClientResponseError" in error.message
+    assert budget.spent == pytest.approx(2 * PRICED.worst_case(REQUEST))
+
+
 class _Proxy(_Quiet):
     def do_POST(self):  # noqa: N802
         self.reply(503, b'{"error": {"message": "proxy says no"}}',
