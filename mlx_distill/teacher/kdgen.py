@@ -127,6 +127,7 @@ class Generator:
         self._fatal: BaseException | None = None  # a background checkpoint failed
         self._inflight: dict[str, asyncio.Future[CachedAnswer | None]] = {}
         self._storing: set[asyncio.Task] = set()  # answers being committed, then emitted
+        self._write_scheduled = False  # OUT lines appended this turn, written at its end
         # Requests inside client.chat(), and an event set whenever one returns: a request the
         # budget refuses waits for those (their reservations may settle lower) before stopping.
         self._requests_out = 0
@@ -355,11 +356,23 @@ class Generator:
             self._fail(prompt, "invalid_answer", None, "; ".join(problems), 1)
             return
         self.run.log.append(line)
+        if not self._write_scheduled:  # every line of this event-loop turn in one write()
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_lines)
         self.run.done.add(prompt.id)
         self.failed.pop(prompt.id, None)
         self.new_records += 1
         self.progress.advance(hit=hit)
         self._count_for_checkpoint()
+
+    def _write_lines(self) -> None:
+        self._write_scheduled = False
+        try:
+            self.run.log.write_pending()
+        except UserError as exc:  # e.g. disk full: stop, and say so at the end
+            if self._fatal is None:
+                self._fatal = exc
+            self._stop("error")
 
     def _fail(self, prompt: Prompt, reason: str, status: int | None, message: str,
               attempts: int) -> None:
