@@ -1,10 +1,14 @@
 """``teacher generate`` commits answers in the background: workers keep sending while SQLite
 commits, an answer still reaches ``OUT`` only after its commit, and a cache that stops accepting
-writes stops the run with its one-line error and an exact checkpoint."""
+writes stops the run with its one-line error and an exact checkpoint. Lines emitted in one
+event-loop turn (a cache replay) go out in one write(); a failed write stops the run the same
+way."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import time
 
@@ -12,6 +16,7 @@ import pytest
 from fake_teacher import FakeTeacher
 from kd_helpers import config, prompt_records, read_records, write_prompts, write_teachers
 
+from mlx_distill.teacher import kdstate
 from mlx_distill.teacher.cache import CacheError, TeacherCache
 from mlx_distill.teacher.kdgen import run_generate
 
@@ -73,3 +78,37 @@ def test_a_cache_that_stops_accepting_writes_stops_the_run(tmp_path, monkeypatch
     assert sent_before_stop < N_PROMPTS // 2  # stopped sending, not carried on for nothing
     records = read_records(cfg.out)
     assert len(records) == N_PROMPTS == len({r["id"] for r in records})
+
+
+def test_a_replay_writes_its_lines_in_few_writes_and_a_failed_write_stops_the_run(tmp_path,
+                                                                                   monkeypatch):
+    with FakeTeacher() as fake:
+        teachers = write_teachers(tmp_path, fake.base_url)
+        prompts = write_prompts(tmp_path / "p.jsonl", prompt_records(N_PROMPTS * 10))
+        first = config(tmp_path, teachers, prompts)
+        assert run_generate(first) == 0
+    writes = []
+    real_write = os.write
+
+    def counting(fd, data):
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(kdstate.os, "write", counting)
+    replay = config(tmp_path, teachers, prompts, name="replay.jsonl")
+    assert run_generate(replay) == 0  # all cache hits: no server needed
+    # The same lines (the first run wrote them in completion order, the replay in prompt order).
+    assert sorted(replay.out.read_bytes().splitlines()) == sorted(
+        first.out.read_bytes().splitlines())
+    assert len(writes) <= 2 * (N_PROMPTS * 10 // replay.checkpoint_interval) + 2  # not 200
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kdstate.os, "write", disk_full)
+    failing = config(tmp_path, teachers, prompts, name="full.jsonl")
+    with pytest.raises(Exception, match="cannot append to .*full.jsonl: No space left"):
+        run_generate(failing)
+    state = json.loads(failing.out.with_name("full.jsonl.state.json").read_text())
+    assert (state["records"], state["bytes"]) == (0, failing.out.stat().st_size) == (0, 0)
+    assert not state["finished"] and state["stop_reason"] == "error"

@@ -127,7 +127,7 @@ class Generator:
         self._fatal: BaseException | None = None  # a background checkpoint failed
         self._inflight: dict[str, asyncio.Future[CachedAnswer | None]] = {}
         self._storing: set[asyncio.Task] = set()  # answers being committed, then emitted
-        self._write_scheduled = False  # OUT lines appended this turn, written at its end
+        self._unwritten: list[str] = []  # ids of OUT lines appended this turn, written at its end
         # Requests inside client.chat(), and an event set whenever one returns: a request the
         # budget refuses waits for those (their reservations may settle lower) before stopping.
         self._requests_out = 0
@@ -356,9 +356,9 @@ class Generator:
             self._fail(prompt, "invalid_answer", None, "; ".join(problems), 1)
             return
         self.run.log.append(line)
-        if not self._write_scheduled:  # every line of this event-loop turn in one write()
-            self._write_scheduled = True
+        if not self._unwritten:  # every line of this event-loop turn in one write()
             asyncio.get_running_loop().call_soon(self._write_lines)
+        self._unwritten.append(prompt.id)
         self.run.done.add(prompt.id)
         self.failed.pop(prompt.id, None)
         self.new_records += 1
@@ -366,13 +366,15 @@ class Generator:
         self._count_for_checkpoint()
 
     def _write_lines(self) -> None:
-        self._write_scheduled = False
         try:
             self.run.log.write_pending()
-        except UserError as exc:  # e.g. disk full: stop, and say so at the end
+        except UserError as exc:  # e.g. disk full: those prompts are not done; stop, say why
+            self.run.done.difference_update(self._unwritten)
             if self._fatal is None:
                 self._fatal = exc
             self._stop("error")
+        finally:
+            self._unwritten.clear()
 
     def _fail(self, prompt: Prompt, reason: str, status: int | None, message: str,
               attempts: int) -> None:
@@ -409,6 +411,7 @@ class Generator:
     async def _checkpoint(self, finished: bool = False) -> None:
         """fsync ``OUT``, then atomically write the state describing exactly the synced bytes."""
         async with self._checkpoint_lock:
+            self._write_lines()
             records, nbytes, sha = self.run.log.snapshot()
             state = RunState(
                 run_id=self.run.run_id, records=records, bytes=nbytes, sha256=sha,
