@@ -40,9 +40,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from kd_helpers import prompt_records, write_prompts, write_teachers  # noqa: E402
 
-from mlx_distill.teacher.config import Tier, load_teacher  # noqa: E402
+from mlx_distill.teacher.config import Tier  # noqa: E402
 from mlx_distill.teacher.kdgen import Generator  # noqa: E402
-from mlx_distill.teacher.kdrun import GenerateConfig  # noqa: E402
+from mlx_distill.teacher.kdrun import GenerateConfig, resolve_teacher  # noqa: E402
 from mlx_distill.teacher.limits import RateLimits  # noqa: E402
 from mlx_distill.teacher.prompts import load_prompts  # noqa: E402
 
@@ -61,26 +61,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(directory: Path, teachers: Path, prompts: Path, name: str, args):
-    """One ``teacher generate`` invocation, timed from the first cache lookup to the last fsync
-    (excluding reading the prompts and opening the files)."""
-    cfg = GenerateConfig(
+def generate_config(directory: Path, teachers: Path, prompts: Path, name: str,
+                    args) -> GenerateConfig:
+    return GenerateConfig(
         prompts=prompts, out=directory / name, teacher="fake", teachers_config=teachers,
         cache=directory / "cache", concurrency=args.concurrency, progress=False,
         top_logprobs=args.top_logprobs, max_tokens=args.max_tokens,
     )
-    generator = Generator(cfg)
+
+
+def run(directory: Path, teachers: Path, prompts: Path, name: str, args):
+    """One ``teacher generate`` invocation, timed from the first cache lookup to the last fsync
+    (excluding reading the prompts and opening the files)."""
+    generator = Generator(generate_config(directory, teachers, prompts, name, args))
     start, cpu = time.perf_counter(), time.process_time()
     result = generator.generate()
     return result, time.perf_counter() - start, time.process_time() - cpu
 
 
-def peer_rps(url: str, teachers: Path, prompts: Path, generator: Generator, args) -> float:
+def peer_rps(url: str, cfg: GenerateConfig, args) -> float:
     """Requests/s of a bare aiohttp loop sending ``teacher generate``'s own request bodies."""
-    spec = load_teacher("fake", path=teachers)
-    records, _ = load_prompts(prompts, spec.max_top_logprobs)
-    bodies = [json.dumps(generator.defaults.request(p).body(spec.model)).encode()
-              for p in records]
+    spec, defaults = resolve_teacher(cfg)
+    records, _ = load_prompts(cfg.prompts, spec.max_top_logprobs)
+    bodies = [json.dumps(defaults.request(p).body(spec.model)).encode() for p in records]
 
     async def main() -> float:
         connector = aiohttp.TCPConnector(limit=args.concurrency)
@@ -116,9 +119,7 @@ def request_throughput(tmp: Path, args) -> dict:
         prompts = write_prompts(tmp / "p.jsonl", prompt_records(args.prompts))
         result, wall, cpu = run(tmp, teachers, prompts, "kd.jsonl", args)
         assert result.exit_code == 0 and result.cache_misses == args.prompts, result
-        peer = peer_rps(url, teachers, prompts, Generator(GenerateConfig(
-            prompts=prompts, out=tmp / "peer.jsonl", teacher="fake", teachers_config=teachers,
-            top_logprobs=args.top_logprobs, max_tokens=args.max_tokens)), args)
+        peer = peer_rps(url, generate_config(tmp, teachers, prompts, "peer.jsonl", args), args)
         replays, replay_cpu = [], []
         for i in range(args.replays):
             again, seconds, cpu_s = run(tmp, teachers, prompts, f"replay{i}.jsonl", args)
@@ -177,10 +178,7 @@ def rpm_limit(tmp: Path, args) -> dict:
         url = server.stdout.readline().strip()
         teachers = write_teachers(tmp, url, concurrency=args.concurrency)
         prompts = write_prompts(tmp / "p.jsonl", prompt_records(n, prefix="r"))
-        cfg = GenerateConfig(prompts=prompts, out=tmp / "rpm.jsonl", teacher="fake",
-                             teachers_config=teachers, cache=tmp / "cache",
-                             concurrency=args.concurrency, progress=False,
-                             top_logprobs=args.top_logprobs, max_tokens=args.max_tokens)
+        cfg = generate_config(tmp, teachers, prompts, "rpm.jsonl", args)
         start = time.perf_counter()
         result = Generator(cfg, {"limits": RateLimits(tier, window_s=window)}).generate()
         wall = time.perf_counter() - start
