@@ -116,7 +116,9 @@ class AsyncTeacherClient:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         self._http = _http_client(self.spec, headers, timeout, transport)
-        self._urls: dict[str, httpx.URL] = {}
+        # Joined once: httpx would parse and join base_url and the path on every request.
+        self._urls = {path: self._http.base_url.join(path)
+                      for path in ("chat/completions", "completions")}
         self._counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
@@ -257,7 +259,7 @@ class AsyncTeacherClient:
 
     async def _send(self, path: str, payload: bytes, kind: str, stream: bool,
                     first_output: list[float] | None = None) -> Completion:
-        http, url = self._http, self._urls.get(path) or self._url(path)
+        http, url = self._http, self._urls[path]
         try:
             if not stream:
                 response = await http.post(url, content=payload)
@@ -279,11 +281,6 @@ class AsyncTeacherClient:
             failure = _transport_failure(exc)
             failure.message = redact(failure.message, self._key)
             raise failure from None
-
-    def _url(self, path: str) -> httpx.URL:
-        """``base_url/path``, parsed once: httpx would parse and join it on every request."""
-        url = self._urls[path] = self._http.base_url.join(path)
-        return url
 
     def _parse(self, parse):
         try:
