@@ -34,7 +34,7 @@ _SHAPE = bytes.maketrans(b"0123456789E:[]} \t\n\r", b"0000000000e" + b"," * 8)
 # A float outside the plain range has an exponent, 16 digits before the point (a 16-digit one may
 # round up to 1e16) or a fraction under 1e-4 ("0.0000"). Strings can show the same shapes; that
 # only costs the slow path.
-_DIGITS_E, _LONG_INTEGER_PART, _SMALL_FRACTION = b"0e", b"0" * 16 + b".", "0.0000"
+_DIGITS_E, _LONG_INTEGER_PART, _SMALL_FRACTION = b"0e", b"0" * 16 + b".", b"0.0000"
 # What comes before the digits ahead of a number's exponent: a delimiter, its point, or its sign
 # after a delimiter. Digits after a letter, a quote or a dash within a word ("fp_3e...",
 # "chatcmpl-9e...") are inside a string.
@@ -86,12 +86,10 @@ def written_plainly(value: Any) -> bool:
     1e-4, no 16-digit integer part and no null (orjson's NaN and ±inf, or a None: either way
     the slow path). What a caller checks before naming a key in ``plain_keys``."""
     try:
-        text = orjson.dumps(value)
+        raw = orjson.dumps(value)
     except orjson.JSONEncodeError:
         return False
-    shape = (text + b",").translate(_SHAPE)
-    return (b"null" not in text and _SMALL_FRACTION.encode() not in text
-            and _LONG_INTEGER_PART not in shape and not _has_exponent(shape))
+    return b"null" not in raw and _spelled_plainly(raw, _shape(raw))
 
 
 def loads(text: str | bytes) -> Any:
@@ -104,12 +102,12 @@ def loads(text: str | bytes) -> Any:
 def loads_plain(text: str) -> tuple[Any, bool]:
     """``json.loads(text)``, and whether every float in it is plain: finite (orjson refuses NaN,
     Infinity and numbers that overflow) and spelled without exponent between 1e-4 and 1e16."""
-    shape = _shape(text)
+    raw = text.encode("utf-8", "surrogatepass")
+    shape = _shape(raw)
     value = _loads(text, shape)
     if value is _JSON_READ:
         return json.loads(text), False
-    plain = _LONG_INTEGER_PART not in shape and not _has_exponent(shape)
-    return value, plain and _SMALL_FRACTION not in text
+    return value, _spelled_plainly(raw, shape)
 
 
 _JSON_READ = object()  # _loads' answer when only json can read the text exactly
@@ -118,6 +116,13 @@ _JSON_READ = object()  # _loads' answer when only json can read the text exactly
 def _shape(text: str | bytes) -> bytes:
     raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
     return (raw + b",").translate(_SHAPE)
+
+
+def _spelled_plainly(raw: bytes, shape: bytes) -> bool:
+    """No float in the JSON text ``raw`` (whose ``_shape`` is ``shape``) spelled outside the
+    plain range: no exponent, no 16-digit integer part, no fraction under 1e-4."""
+    return (_LONG_INTEGER_PART not in shape and not _has_exponent(shape)
+            and _SMALL_FRACTION not in raw)
 
 
 def _loads(text: str | bytes, shape: bytes) -> Any:
